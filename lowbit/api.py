@@ -1,0 +1,56 @@
+"""compile() and load(): the two entry points."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowbit.config import QuantConfig
+from lowbit.runtime.artifact import read_manifest
+from lowbit.runtime.model import CompiledModel
+from lowbit.runtime.spec import Plan
+
+
+def compile(  # noqa: A001 - the public name is compile
+    model: torch.nn.Module,
+    example_inputs: Any,
+    *,
+    target: str = "torch",
+    calibration: Iterable[Any] | None = None,
+    config: QuantConfig | None = None,
+    plan: Plan | Mapping[str, Any] | str | None = None,
+    dynamic_shapes: Mapping[str, Any] | None = None,
+    dump_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> CompiledModel:
+    """Quantize and compile ``model`` for ``target``.
+
+    example_inputs: a tuple of positional arguments or a dict of keyword arguments.
+    calibration: an iterable of batches of the same form (streamed; any length).
+    config: QuantConfig (default W8A8: int8 per-channel weights, int8 per-tensor activations, min/max).
+    plan: a per-layer precision plan (``CompiledModel.plan``, its JSON, or a path) that overrides config.
+    dynamic_shapes: per input name, ``{dim: "symbol"}``; dim 0 (batch) of every input is dynamic anyway.
+    dump_dir: write per-pass graph dumps there (also switched on by LOWBIT_DUMP_DIR).
+    options: target options, e.g. ``compile=True`` for target="torch".
+    """
+    from lowbit.compiler.pipeline import compile_model
+
+    return compile_model(model, example_inputs, target=target, calibration=calibration, config=config, plan=plan,
+                         dynamic_shapes=dynamic_shapes, dump_dir=dump_dir, options=options, progress=progress)
+
+
+def load(directory: str | os.PathLike[str], *, model: torch.nn.Module | None = None, **options: Any) -> CompiledModel:
+    """Reload a saved CompiledModel; every file is checked against the manifest's SHA-256 first.
+
+    target="torch" artifacts are recipes and need ``model=`` (the original model) to re-apply them.
+    """
+    from lowbit.backends.registry import get_backend
+
+    manifest = read_manifest(directory)
+    backend = get_backend(str(manifest.get("target")))
+    return backend.load(Path(directory), manifest, model=model, **options)

@@ -1,0 +1,1 @@
+"""Backends: one subpackage per target, a registry, a Backend protocol."""

@@ -1,0 +1,1 @@
+"""The compiler: capture, the pass infrastructure, instruments and the default pipeline."""

@@ -1,0 +1,185 @@
+"""Capture a model with torch.export into an ATen-level FX GraphModule.
+
+The batch dimension (dim 0) of every tensor input is dynamic by default; other dims (sequence length)
+come from ``dynamic_shapes``, given per argument name as ``{dim_index: "name"}`` (or a torch ``Dim``).
+The same name in two inputs is one symbol.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+from torch.export import Dim
+
+from lowbit.compiler import meta
+from lowbit.errors import CaptureError
+
+
+@dataclass
+class Captured:
+    gm: fx.GraphModule
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    input_names: list[str]  # one per graph placeholder, in order
+    dynamic: dict[str, dict[int, str]] = field(default_factory=dict)  # input -> {dim: symbol name}
+    dim_bounds: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+
+
+def split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A tuple is positional arguments, a dict keyword arguments, a lone tensor one positional argument."""
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise TypeError(
+        f"example_inputs must be a tuple of positional arguments or a dict of keyword arguments, "
+        f"got {type(example_inputs).__name__}"
+    )
+
+
+def _dim(name: str, cache: dict[str, Dim], bounds: dict[str, tuple[int, int | None]]) -> Dim:
+    if name not in cache:
+        lo, hi = bounds.get(name, (1, None))
+        cache[name] = Dim(name, min=lo, max=hi) if hi is not None else Dim(name, min=lo)
+    return cache[name]
+
+
+def build_dynamic_shapes(
+    model: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    user: Mapping[str, Any] | None,
+    bounds: Mapping[str, tuple[int, int | None]] | None = None,
+) -> tuple[dict[str, Any], dict[str, dict[int, str]]]:
+    """torch.export's ``dynamic_shapes`` keyed by argument name, with dim 0 of every tensor named 'batch'."""
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as e:
+        raise CaptureError(f"example_inputs do not match {type(model).__name__}.forward: {e}") from e
+    user = dict(user or {})
+    unknown = set(user) - set(bound.arguments)
+    if unknown:
+        raise CaptureError(
+            f"dynamic_shapes names {sorted(unknown)}, which are not among the example inputs "
+            f"{sorted(bound.arguments)}"
+        )
+    cache: dict[str, Dim] = {}
+    bounds = dict(bounds or {})
+    shapes: dict[str, Any] = {}
+    named: dict[str, dict[int, str]] = {}
+    for name, value in bound.arguments.items():
+        if not isinstance(value, torch.Tensor):
+            shapes[name] = None
+            continue
+        dims: dict[int, str] = {0: "batch"} if value.ndim > 0 else {}
+        for d, sym in (user.get(name) or {}).items():
+            if sym is None:
+                dims.pop(int(d), None)
+            else:
+                dims[int(d)] = sym.__name__ if isinstance(sym, Dim) else str(sym)
+                if isinstance(sym, Dim):
+                    bounds.setdefault(sym.__name__, (sym.min, sym.max if sym.max < 2**62 else None))
+        named[name] = dims
+        shapes[name] = {d: _dim(s, cache, bounds) for d, s in dims.items()} or None
+    return shapes, named
+
+
+_HINTS = [
+    (r"specializ|Constraints violated|not in range|inferred to be a constant", (
+        "a dimension marked dynamic was specialised by the model's code. Give an example batch (and "
+        "sequence length) of at least 2, or leave that dimension static with dynamic_shapes={name: {dim: None}}"
+    )),
+    (r"data.dependent|Could not guard on data-dependent|GuardOnDataDependentSymNode", (
+        "the model branches on tensor values; rewrite the branch with torch.cond or make it depend on shapes"
+    )),
+    (r"Unsupported|graph break|not supported", (
+        "rewrite the offending line with tensor operations torch.export can trace, or wrap it in a "
+        "torch.library custom op"
+    )),
+]
+
+
+def _explain(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "site-packages/torch" not in f.filename and "lowbit/compiler" not in f.filename]
+    where = ""
+    m = re.search(r'File "([^"]+)", line (\d+)[^\n]*\n\s*(.+)', text)
+    if m:
+        where = f"\n  at {m.group(1)}:{m.group(2)}: {m.group(3).strip()}"
+    elif frames:
+        f = frames[-1]
+        where = f"\n  at {f.filename}:{f.lineno}: {f.line}"
+    hint = next((h for pat, h in _HINTS if re.search(pat, text)), "see the torch.export message above")
+    first = "\n".join(text.strip().splitlines()[:12])
+    return f"{first}{where}\n  fix: {hint}"
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    dynamic_shapes: Mapping[str, Any] | None = None,
+    dim_bounds: Mapping[str, tuple[int, int | None]] | None = None,
+) -> Captured:
+    """torch.export the model (eval mode) and return its module graph. Raises CaptureError on failure."""
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"lowbit compiles torch.nn.Module instances, got {type(model).__name__}")
+    args, kwargs = split_inputs(example_inputs)
+    model = model.eval()
+    shapes, named = build_dynamic_shapes(model, args, kwargs, dynamic_shapes, dim_bounds)
+    bounds = dict(dim_bounds or {})
+    ep = None
+    for attempt in range(2):
+        try:
+            with torch.no_grad():
+                ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+            break
+        except Exception as e:  # torch.export raises many types; all are capture failures to the user
+            fixes = _suggested_bounds(str(e)) if attempt == 0 else {}
+            if not fixes:
+                raise CaptureError(f"torch.export could not capture {type(model).__name__}:\n{_explain(e)}") from e
+            # e.g. the position table only admits seq <= 512: take torch's suggested bounds and export again
+            bounds.update(fixes)
+            shapes, named = build_dynamic_shapes(model, args, kwargs, dynamic_shapes, bounds)
+    assert ep is not None
+    gm = ep.module()
+    # flat tensors in, flat tensors out: lowbit's Signature does the (un)flattening and the input checks
+    gm.graph._codegen = fx.graph.CodeGen()
+    gm._forward_pre_hooks.clear()  # the pytree input check; Signature checks inputs instead
+    gm.recompile()
+    for node in gm.graph.nodes:
+        node.meta[meta.CREATED_BY] = "capture"
+    names = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
+    return Captured(gm, args, kwargs, names, named, _bounds_of(shapes))
+
+
+def _suggested_bounds(message: str) -> dict[str, tuple[int, int | None]]:
+    """Parse torch.export's "Suggested fixes: seq = Dim('seq', max=64)" lines into symbol bounds."""
+    if "Suggested fixes" not in message:
+        return {}
+    out: dict[str, tuple[int, int | None]] = {}
+    for m in re.finditer(r"(\w+) = Dim\('(\w+)'((?:, (?:min|max)=\d+)*)\)", message):
+        lo = re.search(r"min=(\d+)", m.group(3))
+        hi = re.search(r"max=(\d+)", m.group(3))
+        out[m.group(2)] = (max(int(lo.group(1)), 1) if lo else 1, int(hi.group(1)) if hi else None)
+    return out
+
+
+def _bounds_of(shapes: Any) -> dict[str, tuple[int, int | None]]:
+    """symbol -> (min, max) of the Dims in a dynamic_shapes structure (max None when unbounded)."""
+    out: dict[str, tuple[int, int | None]] = {}
+    for dims in (shapes or {}).values():
+        for d in (dims or {}).values() if isinstance(dims, dict) else ():
+            if isinstance(d, Dim):
+                hi = d.max if d.max is not None and d.max < 2**62 else None
+                out[d.__name__] = (max(int(d.min or 1), 1), int(hi) if hi is not None else None)
+    return out

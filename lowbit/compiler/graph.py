@@ -1,0 +1,134 @@
+"""Small FX helpers shared by the passes: op tables, attribute access, layer names, node creation."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import fx
+
+from lowbit.compiler import meta
+
+aten = torch.ops.aten
+
+#: quantizable ops -> the op kind recorded in plans and reports
+QUANTIZABLE = {
+    aten.linear.default: "linear",
+    aten.conv1d.default: "conv1d",
+    aten.conv2d.default: "conv2d",
+}
+#: activations that fuse into the preceding linear/conv (quantize after them, never between)
+FUSABLE_ACTIVATIONS = {aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default}
+
+
+def is_quantizable(node: fx.Node) -> bool:
+    """A linear/conv whose weight is a constant attribute of the module (not a runtime tensor)."""
+    return (
+        node.op == "call_function"
+        and node.target in QUANTIZABLE
+        and isinstance(node.args[1], fx.Node)
+        and node.args[1].op == "get_attr"
+    )
+
+
+def quantizable_nodes(gm: fx.GraphModule) -> Iterator[fx.Node]:
+    return (n for n in gm.graph.nodes if is_quantizable(n))
+
+
+def annotated_nodes(gm: fx.GraphModule) -> Iterator[fx.Node]:
+    return (n for n in gm.graph.nodes if meta.SPEC in n.meta)
+
+
+def get_attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    obj: object = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    assert isinstance(obj, torch.Tensor), f"get_attr {target} is not a tensor"
+    return obj
+
+
+def attr_tensor(gm: fx.GraphModule, node: fx.Node | None) -> torch.Tensor | None:
+    """The tensor behind a get_attr node, or None for anything else."""
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        return get_attr(gm, str(node.target))
+    return None
+
+
+def add_constant(gm: fx.GraphModule, prefix: str, value: torch.Tensor) -> str:
+    """Register a new buffer on the root module under a fresh name; returns the attribute name."""
+    base = re.sub(r"[^0-9a-zA-Z_]", "_", prefix)
+    i, name = 0, base
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    gm.register_buffer(name, value.detach().contiguous(), persistent=True)
+    return name
+
+
+def constant_node(gm: fx.GraphModule, prefix: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
+    name = add_constant(gm, prefix, value)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = value
+    return node
+
+
+def tensor_meta(node: fx.Node) -> torch.Tensor | None:
+    val = node.meta.get("val")
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def module_path(node: fx.Node) -> str | None:
+    """The module path (``encoder.layer.0.attention.self.query``) that produced this node."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return path or None
+
+
+def assign_layer_names(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """Name every quantizable node after its module path; a module called twice gets '#1', '#2'."""
+    names: dict[str, fx.Node] = {}
+    for node in quantizable_nodes(gm):
+        base = module_path(node) or node.name
+        name, i = base, 0
+        while name in names:
+            i += 1
+            name = f"{base}#{i}"
+        names[name] = node
+        node.meta[meta.LAYER] = name
+    return names
+
+
+def replace_node(old: fx.Node, new: fx.Node) -> None:
+    old.replace_all_uses_with(new)
+    new.meta.setdefault("val", old.meta.get("val"))
+
+
+def erase_if_dead(graph: fx.Graph, node: fx.Node) -> None:
+    if isinstance(node, fx.Node) and not node.users:
+        graph.erase_node(node)
+
+
+def delete_unused_attrs(gm: fx.GraphModule) -> int:
+    """Drop dead get_attr nodes, then the parameters and buffers no get_attr node refers to any more
+    (e.g. a folded BatchNorm's)."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    removed = 0
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name in used:
+            continue
+        owner_path, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if attr in owner._parameters:
+            del owner._parameters[attr]
+        elif attr in owner._buffers:
+            del owner._buffers[attr]
+        removed += 1
+    gm.delete_all_unused_submodules()
+    return removed

@@ -1,0 +1,85 @@
+"""The default pipeline: one flat list of named steps, read top to bottom."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from lowbit.backends.registry import get_backend
+from lowbit.compiler.capture import capture
+from lowbit.compiler.instruments import DumpInstrument, TimingInstrument, VerifyInstrument
+from lowbit.compiler.pass_manager import Pass, PassContext, PassManager, PassRecord
+from lowbit.config import QuantConfig
+from lowbit.passes import (
+    Annotate, Calibrate, Canonicalize, FoldConvBatchNorm, FuseActivation, FuseLinearBias, InsertObservers,
+    LowerQDQ,
+)
+from lowbit.runtime.model import CompiledModel
+from lowbit.runtime.report import Report
+from lowbit.runtime.signature import Signature
+from lowbit.runtime.spec import Plan
+
+
+def default_passes() -> list[Pass]:
+    return [
+        Canonicalize(),  # drop dropout, no-ops and dead code, fold constants: fewer shapes to match later
+        FoldConvBatchNorm(),  # BN disappears into conv/linear weights before quantization sees them
+        FuseLinearBias(),  # matmul + add -> linear: the bias rides in the integer accumulator
+        FuseActivation(),  # conv/linear + relu groups: an output quantizer goes after the relu
+        Annotate(),  # QuantConfig / plan -> one frozen LayerSpec per layer; policy ends here
+        InsertObservers(),  # where static activation ranges are measured (shared by Q/K/V)
+        Calibrate(),  # stream calibration batches through the graph (or load stored qparams)
+        LowerQDQ(),  # observers and weight specs -> quantize/dequantize ops and int8 weights
+    ]
+
+
+def compile_model(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    *,
+    target: str = "torch",
+    calibration: Iterable[Any] | None = None,
+    config: QuantConfig | None = None,
+    plan: Plan | Mapping[str, Any] | str | None = None,
+    dynamic_shapes: Mapping[str, Any] | None = None,
+    dump_dir: str | os.PathLike[str] | None = None,
+    options: Mapping[str, Any] | None = None,
+    qparams: Mapping[str, torch.Tensor] | None = None,
+    dim_bounds: Mapping[str, tuple[int, int | None]] | None = None,
+    progress: bool = True,
+) -> CompiledModel:
+    options = dict(options or {})
+    backend = get_backend(target)
+    backend.check_available()
+    config = config or QuantConfig()
+    captured = capture(model, example_inputs, dynamic_shapes, dim_bounds)
+    with torch.no_grad():
+        example_out = model(*captured.args, **captured.kwargs)
+    signature = Signature.from_example(captured.args, captured.kwargs, captured.input_names, captured.dynamic,
+                                       example_out, captured.dim_bounds)
+    ctx = PassContext(config=config, plan=Plan.coerce(plan), calibration=calibration,
+                      input_names=captured.input_names, example=(captured.args, captured.kwargs),
+                      qparams=qparams, progress=progress)
+    ctx.notes.update(signature=signature, target=target, supported_schemes=backend.schemes)
+    instruments: list[Any] = [VerifyInstrument(), TimingInstrument()]
+    dump = dump_dir or os.environ.get("LOWBIT_DUMP_DIR")
+    if dump:
+        instruments.append(DumpInstrument(dump))
+    manager = PassManager(default_passes() + backend.lowering_passes(options), instruments)
+    gm = manager.run(captured.gm, ctx)
+    ctx.notes["report"] = build_report(target, ctx, manager.records)
+    return backend.build(gm, ctx, captured, options)
+
+
+def build_report(target: str, ctx: PassContext, records: list[PassRecord]) -> Report:
+    layers = []
+    for name, spec in (ctx.plan.layers.items() if ctx.plan else []):
+        row = {"layer": name, "scheme": spec.scheme}
+        row.update(ctx.notes.get("layers", {}).get(name, {}))
+        layers.append(row)
+    passes = [{"pass": r.name, "seconds": r.seconds, "nodes_before": r.nodes_before,
+               "nodes_after": r.nodes_after, "stats": dict(r.stats)} for r in records]
+    return Report(target, layers, passes)

@@ -1,0 +1,15 @@
+"""One pass per file, named after it. The default order is in lowbit/compiler/pipeline.py."""
+
+from lowbit.passes.annotate import Annotate
+from lowbit.passes.calibrate import Calibrate
+from lowbit.passes.canonicalize import Canonicalize
+from lowbit.passes.fold_conv_bn import FoldConvBatchNorm
+from lowbit.passes.fuse_activation import FuseActivation
+from lowbit.passes.fuse_linear_bias import FuseLinearBias
+from lowbit.passes.insert_observers import InsertObservers
+from lowbit.passes.lower_qdq import LowerQDQ
+
+__all__ = [
+    "Annotate", "Calibrate", "Canonicalize", "FoldConvBatchNorm", "FuseActivation", "FuseLinearBias",
+    "InsertObservers", "LowerQDQ",
+]

@@ -1,0 +1,68 @@
+"""Annotate: write one frozen LayerSpec per quantizable layer from the QuantConfig or the plan.
+
+Policy lives only here. Every later pass reads ``node.meta[SPEC]``; none consults the config again.
+The resulting full plan (every layer, including the ones left in float) is stored in ``ctx.plan``.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from lowbit.compiler import meta
+from lowbit.compiler.graph import QUANTIZABLE, assign_layer_names, attr_tensor
+from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
+from lowbit.config import QuantConfig
+from lowbit.errors import PlanError, QuantConfigError
+from lowbit.runtime.spec import LayerSpec, Plan
+
+
+def check_spec_fits(spec: LayerSpec, op: str, weight_shape: tuple[int, ...]) -> str | None:
+    """Why this spec cannot apply to a layer of this op and weight shape, or None if it can."""
+    w = spec.weight
+    if w is None:
+        return None
+    if w.granularity == "per_group":
+        if op != "linear":
+            return f"group-wise weights are for linear layers; this is a {op}"
+        if weight_shape[1] % int(w.group_size or 1):
+            return f"in_features {weight_shape[1]} is not a multiple of group size {w.group_size}"
+    if spec.activation is not None and spec.activation.granularity == "per_token" and op != "linear":
+        return f"per-token activations are for linear layers; this is a {op}"
+    return None
+
+
+class Annotate(Pass):
+    name = "annotate"
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        config: QuantConfig = ctx.config or QuantConfig()
+        plan: Plan | None = ctx.plan
+        layers = assign_layer_names(gm)
+        if plan is not None:
+            unknown = [k for k in plan.layers if k not in layers]
+            if unknown:
+                raise PlanError(
+                    f"plan entry {unknown[0]!r} names no layer of this model"
+                    f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}; layers are: "
+                    + ", ".join(list(layers)[:12]) + (" ..." if len(layers) > 12 else "")
+                )
+        supported = ctx.notes.get("supported_schemes")
+        full: dict[str, LayerSpec] = {}
+        counts: dict[str, int] = {}
+        for name, node in layers.items():
+            from_plan = plan is not None and name in plan.layers
+            spec = plan.layers[name] if from_plan else config.layer_spec(name)
+            op = QUANTIZABLE[node.target]
+            weight = attr_tensor(gm, node.args[1])
+            why = check_spec_fits(spec, op, tuple(weight.shape)) if weight is not None else None
+            if why is None and supported is not None and spec.scheme not in supported:
+                why = f"scheme {spec.scheme!r} is not supported by target {ctx.notes.get('target')!r} " \
+                      f"(it runs {', '.join(sorted(supported))})"
+            if why is not None:
+                err = PlanError if from_plan else QuantConfigError
+                raise err(f"{'plan entry' if from_plan else 'layer'} {name!r}: {why}")
+            node.meta[meta.SPEC] = spec
+            full[name] = spec
+            counts[spec.scheme] = counts.get(spec.scheme, 0) + 1
+        ctx.plan = Plan(full)
+        return PassResult(gm, {f"layers_{k}": v for k, v in counts.items()})

@@ -1,0 +1,80 @@
+"""Calibrate: stream the calibration batches through the graph with an FX Interpreter.
+
+Each batch is checked first (structure, dtype, shape, NaN/Inf) and a bad one raises CalibrationError
+naming the batch index and the input. Observers keep bounded state, so any number of batches fits in
+memory. When re-applying an artifact (``ctx.qparams``) the observers take the stored qparams instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+from tqdm.auto import tqdm
+
+from lowbit.compiler import meta
+from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
+from lowbit.errors import ArtifactError, CalibrationError
+from lowbit.passes.insert_observers import observer_nodes
+
+
+class _NamingInterpreter(fx.Interpreter):
+    """An Interpreter whose failures name the node that failed."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            return super().run_node(n)
+        except Exception as e:
+            raise CalibrationError(f"{self.where}: node {n.name} ({n.target}) failed: {type(e).__name__}: {e}") from e
+
+    where = ""
+
+
+def qparam_key(observes: str) -> str:
+    """'encoder.layer.0.attention.self.query:input' -> 'encoder.layer.0.attention.self.query.input'."""
+    layer, role = observes.rsplit(":", 1)
+    return f"{layer}.{role}"
+
+
+class Calibrate(Pass):
+    name = "calibrate"
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        observers = observer_nodes(gm)
+        if not observers:
+            return PassResult(gm, {})
+        if ctx.qparams is not None:
+            return PassResult(gm, {"observers_loaded": self._load(observers, ctx)})
+        if ctx.calibration is None:
+            raise CalibrationError(
+                "static W8A8 layers need calibration data: pass calibration=[batch, ...] (batches like "
+                "example_inputs), or choose a scheme without static activations (w8a8_dynamic, w8a16, w4a16)"
+            )
+        signature = ctx.notes["signature"]
+        interp = _NamingInterpreter(gm)
+        batches = 0
+        with torch.no_grad():
+            for i, batch in enumerate(tqdm(ctx.calibration, desc="lowbit calibrate", unit="batch",
+                                           disable=None if ctx.progress else True, leave=False)):
+                where = f"calibration batch {i}"
+                flat = signature.flatten(batch, error=CalibrationError, where=where, check_finite=True)
+                interp.where = where
+                interp.run(*flat)
+                batches += 1
+        if batches == 0:
+            raise CalibrationError("calibration is empty: give at least one batch")
+        return PassResult(gm, {"batches": batches, "observers": len(observers)})
+
+    @staticmethod
+    def _load(observers: list[tuple[fx.Node, Any]], ctx: PassContext) -> int:
+        assert ctx.qparams is not None
+        for node, obs in observers:
+            key = qparam_key(node.meta[meta.OBSERVES][0])
+            try:
+                scale = float(ctx.qparams[f"{key}.scale"])
+                zp = int(ctx.qparams[f"{key}.zero_point"])
+            except KeyError as e:
+                raise ArtifactError(f"the artifact's qparams have no entry {e.args[0]!r}") from e
+            obs.fixed = (scale, zp)
+        return len(observers)

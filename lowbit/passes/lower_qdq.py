@@ -1,0 +1,154 @@
+"""Lower observers and weight specs to ``quantized_decomposed`` quantize/dequantize ops.
+
+- A static activation observer becomes ``quantize_per_tensor`` followed by one ``dequantize_per_tensor``
+  per consumer (a dedicated DQ per consumer is what ONNX Runtime's and OpenVINO's QDQ fusions match).
+- A weight becomes an int8 buffer (int4 codes are stored unpacked in int8) with its scales, read
+  through ``dequantize_per_tensor`` / ``dequantize_per_channel`` / ``dequantize_per_channel_group``.
+- A dynamic per-token layer gets ``choose_qparams_per_token -> quantize_per_token -> dequantize_per_token``
+  on its input.
+
+The qparams go to ``ctx.notes['qparams']`` (what an artifact stores) and a per-layer summary to
+``ctx.notes['layers']`` (what the report prints). With ``ctx.qparams`` set (re-applying an artifact),
+stored weight codes and scales are used instead of quantizing the model's weights again.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch import fx
+
+from lowbit.compiler import meta
+from lowbit.compiler.graph import QUANTIZABLE, annotated_nodes, attr_tensor, constant_node, delete_unused_attrs
+from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
+from lowbit.errors import ArtifactError
+from lowbit.passes.calibrate import qparam_key
+from lowbit.passes.insert_observers import observer_nodes
+from lowbit.runtime.qparams import dequantize_weight, quantize_weight, sqnr
+from lowbit.runtime.spec import QuantSpec
+
+qd = torch.ops.quantized_decomposed
+TORCH_DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "int4": torch.int8, "uint4": torch.uint8}
+
+
+def _call(graph: fx.Graph, target: Any, args: tuple[Any, ...], role: str) -> fx.Node:
+    node = graph.call_function(target, args)
+    node.meta[meta.QROLE] = role
+    return node
+
+
+class LowerQDQ(Pass):
+    name = "lower_qdq"
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        qparams: dict[str, torch.Tensor] = ctx.notes.setdefault("qparams", {})
+        layers: dict[str, dict[str, Any]] = ctx.notes.setdefault("layers", {})
+        stats = {"act_qdq": 0, "weights_quantized": 0, "dynamic_inputs": 0}
+        graph = gm.graph
+
+        # 1. activations: observers -> Q + one DQ per consumer -----------------------------------------
+        for node, obs in observer_nodes(gm):
+            scale, zp = obs.calculate_qparams()
+            spec: QuantSpec = obs.spec
+            dtype = TORCH_DTYPES[spec.dtype]
+            for observed in node.meta[meta.OBSERVES]:
+                key = qparam_key(observed)
+                qparams[f"{key}.scale"] = torch.tensor(scale, dtype=torch.float32)
+                qparams[f"{key}.zero_point"] = torch.tensor(zp, dtype=torch.int32)
+                layer, role = observed.rsplit(":", 1)
+                layers.setdefault(layer, {})[f"{role}_scale"] = scale
+                layers[layer][f"{role}_zero_point"] = zp
+            x = node.args[0]
+            qargs = (scale, zp, spec.qmin, spec.qmax, dtype)
+            with graph.inserting_after(node):
+                q = _call(graph, qd.quantize_per_tensor.default, (x, *qargs), "act_q")
+            for user in list(node.users):
+                with graph.inserting_before(user):
+                    dq = _call(graph, qd.dequantize_per_tensor.default, (q, *qargs), "act_dq")
+                dq.meta["val"] = node.meta.get("val")
+                user.replace_input_with(node, dq)
+            graph.erase_node(node)
+            delattr(gm, str(node.target))
+            stats["act_qdq"] += 1
+
+        # 2. weights and dynamic inputs ----------------------------------------------------------------
+        for layer in list(annotated_nodes(gm)):
+            spec = layer.meta[meta.SPEC]
+            name = layer.meta[meta.LAYER]
+            info = layers.setdefault(name, {})
+            info.update(op=QUANTIZABLE[layer.target], scheme=spec.scheme)
+            w_node = layer.args[1]
+            w = attr_tensor(gm, w_node)
+            info["weight_shape"] = list(w.shape) if w is not None else None
+            if spec.weight is not None and w is not None:
+                dq = self._lower_weight(gm, layer, name, w, spec.weight, ctx, qparams, info)
+                layer.replace_input_with(w_node, dq)
+                stats["weights_quantized"] += 1
+            act = spec.activation
+            if act is not None and act.dynamic and isinstance(layer.args[0], fx.Node):
+                x = layer.args[0]
+                with graph.inserting_before(layer):
+                    cq = _call(graph, qd.choose_qparams_per_token.default, (x, torch.int8), "token_qparams")
+                    s = _call(graph, operator.getitem, (cq, 0), "token_scale")
+                    z = _call(graph, operator.getitem, (cq, 1), "token_zero_point")
+                    q = _call(graph, qd.quantize_per_token.default, (x, s, z, -128, 127, torch.int8), "token_q")
+                    dq = _call(graph, qd.dequantize_per_token.default,
+                               (q, s, z, -128, 127, torch.int8, torch.float32), "token_dq")
+                dq.meta["val"] = x.meta.get("val")
+                layer.replace_input_with(x, dq)
+                stats["dynamic_inputs"] += 1
+        delete_unused_attrs(gm)
+        gm.recompile()
+        return PassResult(gm, {k: v for k, v in stats.items() if v})
+
+    @staticmethod
+    def _lower_weight(
+        gm: fx.GraphModule, layer: fx.Node, name: str, w: torch.Tensor, spec: QuantSpec, ctx: PassContext,
+        qparams: dict[str, torch.Tensor], info: dict[str, Any],
+    ) -> fx.Node:
+        key = f"{name}.weight"
+        if ctx.qparams is not None:
+            try:
+                q, scale, zp = (ctx.qparams[f"{key}.{k}"] for k in ("q", "scale", "zero_point"))
+            except KeyError as e:
+                raise ArtifactError(f"the artifact's qparams have no entry {e.args[0]!r}") from e
+            if tuple(q.shape) != tuple(w.shape):
+                raise ArtifactError(f"layer {name!r}: stored weight has shape {tuple(q.shape)}, the model's has "
+                                    f"{tuple(w.shape)}: the artifact was made from another model")
+        else:
+            q, scale, zp = quantize_weight(w, spec)
+        qparams.update({f"{key}.q": q, f"{key}.scale": scale, f"{key}.zero_point": zp})
+        info["weight_granularity"] = spec.granularity + (f"/{spec.group_size}" if spec.group_size else "")
+        info["weight_bits"] = spec.bits
+        info["weight_sqnr_db"] = sqnr(w, dequantize_weight(q, scale, zp, spec))
+        graph = gm.graph
+        dtype = TORCH_DTYPES[spec.dtype]
+        q_node = constant_node(gm, f"{name}_weight_q", q, layer)
+        with graph.inserting_before(layer):
+            if spec.granularity == "per_tensor":
+                dq = _call(graph, qd.dequantize_per_tensor.default,
+                           (q_node, float(scale), int(zp), spec.qmin, spec.qmax, dtype), "weight_dq")
+            else:
+                s_node = constant_node(gm, f"{name}_weight_scale", scale, layer)
+                z_node = constant_node(gm, f"{name}_weight_zero_point", zp, layer)
+                with graph.inserting_before(layer):
+                    if spec.granularity == "per_channel":
+                        dq = _call(graph, qd.dequantize_per_channel.default,
+                                   (q_node, s_node, z_node, spec.axis or 0, spec.qmin, spec.qmax, dtype), "weight_dq")
+                    else:
+                        dq = _call(graph, qd.dequantize_per_channel_group.default,
+                                   (q_node, s_node, z_node, spec.qmin, spec.qmax, dtype, int(spec.group_size or 0),
+                                    torch.float32), "weight_dq")
+        dq.meta["val"] = w
+        return dq
+
+    def postconditions(self, gm: fx.GraphModule, ctx: PassContext) -> list[str]:
+        problems = [f"observer {n.name} was not lowered" for n, _ in observer_nodes(gm)]
+        for layer in annotated_nodes(gm):
+            spec = layer.meta[meta.SPEC]
+            w = layer.args[1]
+            if spec.weight is not None and not (isinstance(w, fx.Node) and w.meta.get(meta.QROLE) == "weight_dq"):
+                problems.append(f"layer {layer.meta[meta.LAYER]}: weight is not read through a dequantize")
+        return problems

@@ -1,0 +1,80 @@
+"""The per-layer report of a compiled model: a table to read, JSON to keep."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+COLUMNS = [
+    ("layer", "layer"), ("op", "op"), ("scheme", "scheme"), ("weight_granularity", "weights"),
+    ("weight_sqnr_db", "w SQNR dB"), ("input_scale", "in scale"), ("input_zero_point", "in zp"),
+]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf"
+        return f"{v:.4g}"
+    return str(v)
+
+
+@dataclass
+class Report:
+    target: str
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    sections: dict[str, Any] = field(default_factory=dict)  # extra tables (engines, sensitivity, ...)
+
+    def table(self) -> str:
+        cols = [c for c in COLUMNS if any(c[0] in row for row in self.layers)]
+        rows = [[_fmt(r.get(k)) for k, _ in cols] for r in self.layers]
+        head = [h for _, h in cols]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+        lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)),
+                 "-+-".join("-" * w for w in widths)]
+        lines += [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for r in self.layers:
+            counts[r.get("scheme", "?")] = counts.get(r.get("scheme", "?"), 0) + 1
+        by = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+        total = sum(p.get("seconds", 0.0) for p in self.passes)
+        return f"target {self.target}: {len(self.layers)} layers ({by}); passes took {total:.2f} s"
+
+    def __str__(self) -> str:
+        parts = [self.summary(), self.table()]
+        for name, section in self.sections.items():
+            parts.append(f"\n{name}:\n{section if isinstance(section, str) else section}")
+        return "\n".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        def clean(v: Any) -> Any:
+            if isinstance(v, float) and (math.isinf(v) or math.isnan(v)):
+                return str(v)
+            if isinstance(v, Mapping):
+                return {k: clean(x) for k, x in v.items()}
+            if isinstance(v, (list, tuple)):
+                return [clean(x) for x in v]
+            return v
+
+        return clean({"target": self.target, "layers": self.layers, "passes": self.passes, "sections": self.sections})
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Report:
+        def unclean(v: Any) -> Any:
+            if v in ("inf", "-inf", "nan"):
+                return float(v)
+            if isinstance(v, Mapping):
+                return {k: unclean(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [unclean(x) for x in v]
+            return v
+
+        return cls(d["target"], unclean(d.get("layers", [])), d.get("passes", []), d.get("sections", {}))

@@ -1,0 +1,198 @@
+"""Quantization specs and the per-layer precision plan: frozen, JSON-serialisable data.
+
+Policy (which layer gets which scheme) is written once as these specs; every later stage only reads them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from lowbit.errors import PlanError
+
+DTYPE_RANGES: dict[str, tuple[int, int]] = {
+    "int8": (-128, 127),
+    "uint8": (0, 255),
+    "int4": (-8, 7),
+    "uint4": (0, 15),
+}
+GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized.
+
+    ``narrow`` drops the most negative code of a signed type ([-127, 127] for int8) so that symmetric
+    quantization is symmetric (TensorRT's convention for weights). ``axis`` is the channel axis for
+    per-channel; per-group groups run along the last axis (the input features of a linear).
+    """
+
+    dtype: str = "int8"
+    symmetric: bool = True
+    granularity: str = "per_tensor"
+    axis: int | None = None
+    group_size: int | None = None
+    dynamic: bool = False
+    narrow: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_RANGES:
+            raise ValueError(f"QuantSpec.dtype must be one of {sorted(DTYPE_RANGES)}, got {self.dtype!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"QuantSpec.granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.granularity == "per_group" and not self.group_size:
+            raise ValueError("QuantSpec with granularity='per_group' needs a group_size")
+        if self.symmetric and self.dtype.startswith("u"):
+            raise ValueError(f"symmetric quantization needs a signed dtype, got {self.dtype!r}")
+
+    @property
+    def qmin(self) -> int:
+        lo = DTYPE_RANGES[self.dtype][0]
+        return lo + 1 if (self.narrow and self.symmetric) else lo
+
+    @property
+    def qmax(self) -> int:
+        return DTYPE_RANGES[self.dtype][1]
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.dtype.endswith("4") else 8
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> QuantSpec:
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------------------------------
+# Schemes: the named per-layer choices a plan is made of.
+# --------------------------------------------------------------------------------------------------
+
+SCHEMES = ("w8a8", "w8a8_dynamic", "w8a16", "w4a16", "float")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """The frozen decision for one quantizable layer (a linear or conv node)."""
+
+    scheme: str
+    weight: QuantSpec | None = None
+    activation: QuantSpec | None = None
+    output: QuantSpec | None = None  # quantize the layer's output too (after its fused activation)
+
+    @property
+    def quantized(self) -> bool:
+        return self.scheme != "float"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scheme": self.scheme,
+            "weight": self.weight.to_json() if self.weight else None,
+            "activation": self.activation.to_json() if self.activation else None,
+            "output": self.output.to_json() if self.output else None,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], where: str = "") -> LayerSpec:
+        if not isinstance(d, Mapping) or "scheme" not in d:
+            raise PlanError(f"plan entry {where!r}: expected an object with a 'scheme', got {d!r}")
+        if d["scheme"] not in SCHEMES:
+            raise PlanError(f"plan entry {where!r}: unknown scheme {d['scheme']!r}; known: {', '.join(SCHEMES)}")
+        try:
+            return cls(
+                scheme=d["scheme"],
+                weight=QuantSpec.from_json(d["weight"]) if d.get("weight") else None,
+                activation=QuantSpec.from_json(d["activation"]) if d.get("activation") else None,
+                output=QuantSpec.from_json(d["output"]) if d.get("output") else None,
+            )
+        except (TypeError, ValueError) as e:
+            raise PlanError(f"plan entry {where!r}: {e}") from e
+
+
+def scheme_spec(
+    scheme: str,
+    *,
+    weight_granularity: str = "per_channel",
+    group_size: int = 128,
+    activation_symmetric: bool = False,
+) -> LayerSpec:
+    """Expand a scheme name into its weight and activation specs."""
+    if scheme == "float":
+        return LayerSpec("float")
+    if scheme == "w4a16":
+        return LayerSpec("w4a16", weight=QuantSpec("int4", True, "per_group", group_size=group_size))
+    if weight_granularity == "per_group":
+        w = QuantSpec("int8", True, "per_group", group_size=group_size, narrow=True)
+    elif weight_granularity == "per_channel":
+        w = QuantSpec("int8", True, "per_channel", axis=0, narrow=True)
+    elif weight_granularity == "per_tensor":
+        w = QuantSpec("int8", True, "per_tensor", narrow=True)
+    else:
+        raise ValueError(f"unknown weight granularity {weight_granularity!r}")
+    if scheme == "w8a16":
+        return LayerSpec("w8a16", weight=w)
+    if scheme == "w8a8_dynamic":
+        return LayerSpec("w8a8_dynamic", weight=w, activation=QuantSpec("int8", True, "per_token", dynamic=True))
+    if scheme == "w8a8":
+        act = (
+            QuantSpec("int8", True, "per_tensor")
+            if activation_symmetric
+            else QuantSpec("uint8", False, "per_tensor")
+        )
+        return LayerSpec("w8a8", weight=w, activation=act)
+    raise ValueError(f"unknown scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+
+
+@dataclass
+class Plan:
+    """The per-layer precision plan: layer path -> LayerSpec. Editable JSON, re-applied by compile(plan=)."""
+
+    layers: dict[str, LayerSpec] = field(default_factory=dict)
+    VERSION = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.VERSION, "layers": {k: v.to_json() for k, v in self.layers.items()}}
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Plan:
+        if not isinstance(d, Mapping) or not isinstance(d.get("layers"), Mapping):
+            raise PlanError("a plan is an object with a 'layers' mapping of layer path -> {scheme, ...}")
+        return cls({k: LayerSpec.from_json(v, where=k) for k, v in d["layers"].items()})
+
+    @classmethod
+    def coerce(cls, plan: Plan | Mapping[str, Any] | str | None) -> Plan | None:
+        """Accept a Plan, its JSON dict, a JSON string or a path to a JSON file."""
+        if plan is None or isinstance(plan, Plan):
+            return plan
+        if isinstance(plan, str):
+            text = plan
+            if not text.lstrip().startswith("{"):
+                with open(plan, encoding="utf-8") as f:
+                    text = f.read()
+            try:
+                plan = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise PlanError(f"plan is not valid JSON: {e}") from e
+        return cls.from_json(plan)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for spec in self.layers.values():
+            out[spec.scheme] = out.get(spec.scheme, 0) + 1
+        return out
+
+    def with_layer(self, name: str, spec: LayerSpec) -> Plan:
+        layers = dict(self.layers)
+        layers[name] = spec
+        return Plan(layers)
+
+
+__all__ = ["QuantSpec", "LayerSpec", "Plan", "SCHEMES", "scheme_spec", "replace"]
