@@ -165,8 +165,8 @@ def build_cases(m: int, n: int, k: int, device: torch.device) -> list[Case]:
     a_q, a_s = ref.quantize_per_token_ref(x16)
     w_q, w_s = ref.quantize_per_channel_ref(w16)
     q8, s8, _ = ref.quantize_weight_groupwise(w16, bits=8, group_size=k)
-    q4, s4, _ = ref.quantize_weight_groupwise(w16, bits=4, group_size=128 if k % 128 == 0 else k)
-    g4 = 128 if k % 128 == 0 else k
+    g4 = 128 if k % 128 == 0 else k  # group-128 int4 (per channel on the tiny dry-run shapes)
+    q4, s4, _ = ref.quantize_weight_groupwise(w16, bits=4, group_size=g4)
     p4 = ref.pack_int4(q4)
     x_out = x16.clone()
     x_out[:, torch.arange(N_OUTLIER_COLUMNS, device=device) * (k // N_OUTLIER_COLUMNS)] *= 20.0
@@ -202,9 +202,17 @@ def build_cases(m: int, n: int, k: int, device: torch.device) -> list[Case]:
 
 
 def run_shape(
-    m: int, n: int, k: int, *, device: torch.device, timer: Callable, flush: torch.Tensor,
-    check: bool, warmup: int, reps: int,
-) -> list[Row]:  # fmt: skip
+    m: int,
+    n: int,
+    k: int,
+    *,
+    device: torch.device,
+    timer: Callable,
+    flush: torch.Tensor,
+    check: bool,
+    warmup: int,
+    reps: int,
+) -> list[Row]:
     """Check (optionally) and time every case at one shape; speedups relative to the baselines."""
     rows: list[Row] = []
     times: dict[str, float | None] = {}
@@ -308,8 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     flush = torch.empty(flush_bytes, dtype=torch.int8, device=device)
     for n, k in linears:
         for m in m_values:
-            report.rows += run_shape(m, n, k, device=device, timer=timer, flush=flush, check=check,
-                                     warmup=warmup, reps=reps)  # fmt: skip
+            report.rows += run_shape(
+                m, n, k, device=device, timer=timer, flush=flush, check=check, warmup=warmup, reps=reps
+            )
 
     print(markdown_table(report.rows))
     write_json(report, args.out)

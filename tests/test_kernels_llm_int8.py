@@ -56,7 +56,9 @@ def test_llm_int8_matches_reference(dtype: torch.dtype, m: int) -> None:
 def test_llm_int8_uses_the_float_weight_for_outliers() -> None:
     x, w, w_q, w_scale, bias = _problem(5, 16, 96, torch.float32)
     out = llm_int8_linear(x, w_q, w_scale, bias, weight=w)
-    torch.testing.assert_close(out, llm_int8_linear_ref(x, w_q, w_scale, bias, weight=w), **TOLERANCES[torch.float32])
+    torch.testing.assert_close(
+        out, llm_int8_linear_ref(x, w_q, w_scale, bias, weight=w), **TOLERANCES[torch.float32]
+    )
 
 
 @pytest.mark.parametrize("threshold", [math.inf, 0.0], ids=["no-outliers", "all-outliers"])
@@ -91,11 +93,17 @@ def test_llm_int8_outliers_improve_on_plain_w8a8() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"x": torch.zeros(4, 64, dtype=torch.int8)}, r"x\.dtype: expected one of float16, bfloat16, float32"),
+        (
+            {"x": torch.zeros(4, 64, dtype=torch.int8)},
+            r"x\.dtype: expected one of float16, bfloat16, float32",
+        ),
         ({"x": torch.zeros(64, 4).t()}, r"x\.is_contiguous\(\)"),
         ({"w_q": torch.zeros(16, 64)}, r"w_q\.dtype: expected int8, got float32"),
         ({"w_q": torch.zeros(16, 32, dtype=torch.int8)}, r"w_q\.shape\[1\]: expected 64"),
-        ({"w_q": torch.zeros(16, 64, dtype=torch.int8, device="meta")}, r"w_q\.device: expected cpu, got meta"),
+        (
+            {"w_q": torch.zeros(16, 64, dtype=torch.int8, device="meta")},
+            r"w_q\.device: expected cpu, got meta",
+        ),
         ({"w_scale": torch.ones(8)}, r"w_scale\.shape\[0\]: expected 16"),
         ({"w_scale": torch.ones(16, dtype=torch.float16)}, r"w_scale\.dtype: expected float32"),
         ({"bias": torch.zeros(16, dtype=torch.int32)}, r"bias\.dtype"),
@@ -103,8 +111,19 @@ def test_llm_int8_outliers_improve_on_plain_w8a8() -> None:
         ({"threshold": -1.0}, r"threshold: expected a non-negative number, got -1\.0"),
         ({"threshold": math.nan}, r"threshold: expected a non-negative number, got nan"),
     ],
-    ids=["x_dtype", "x_noncontig", "w_dtype", "w_shape", "w_device", "scale_shape", "scale_dtype", "bias_dtype",
-         "weight_shape", "threshold_negative", "threshold_nan"],  # fmt: skip
+    ids=[
+        "x_dtype",
+        "x_noncontig",
+        "w_dtype",
+        "w_shape",
+        "w_device",
+        "scale_shape",
+        "scale_dtype",
+        "bias_dtype",
+        "weight_shape",
+        "threshold_negative",
+        "threshold_nan",
+    ],
 )
 def test_llm_int8_rejects_bad_input(overrides: dict, message: str) -> None:
     call = {"x": torch.zeros(4, 64), "w_q": torch.zeros(16, 64, dtype=torch.int8), "w_scale": torch.ones(16)}

@@ -103,7 +103,10 @@ def no_launch(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("x", "message"),
     [
-        (torch.zeros(4, 8, dtype=torch.int8), r"x\.dtype: expected one of float16, bfloat16, float32, got int8"),
+        (
+            torch.zeros(4, 8, dtype=torch.int8),
+            r"x\.dtype: expected one of float16, bfloat16, float32, got int8",
+        ),
         (torch.zeros(4, 8, dtype=torch.float64), r"x\.dtype: .* got float64"),
         (torch.zeros(8), r"x\.dim\(\): expected 2, got 1"),
         (torch.zeros(2, 4, 8), r"x\.dim\(\): expected 2, got 3"),

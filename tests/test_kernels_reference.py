@@ -72,7 +72,9 @@ def test_pack_int4_rejects_bad_codes() -> None:
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("group_size", [32, 64, None])
-def test_quantize_weight_groupwise_roundtrip_error(bits: int, symmetric: bool, group_size: int | None) -> None:
+def test_quantize_weight_groupwise_roundtrip_error(
+    bits: int, symmetric: bool, group_size: int | None
+) -> None:
     """Rounding to the grid moves a weight by at most half a step (the scale), never more."""
     w = torch.randn(24, 128, generator=torch.Generator().manual_seed(0))
     q, scales, zeros = ref.quantize_weight_groupwise(w, bits=bits, group_size=group_size, symmetric=symmetric)

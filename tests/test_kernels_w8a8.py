@@ -102,7 +102,9 @@ def test_int8_gemm_extreme_values_do_not_overflow() -> None:
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("activation", [None, "relu", "gelu"])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_w8a8_linear_matches_reference(out_dtype: torch.dtype, activation: str | None, with_bias: bool) -> None:
+def test_w8a8_linear_matches_reference(
+    out_dtype: torch.dtype, activation: str | None, with_bias: bool
+) -> None:
     a, w, a_scale, w_scale, bias = _operands(33, 40, 96)
     b = bias.to(out_dtype) if with_bias else None
     out = w8a8_linear(a, w, a_scale, w_scale, b, activation=activation, out_dtype=out_dtype)
@@ -146,7 +148,9 @@ def _bad_calls() -> list[tuple[str, dict, str]]:
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="device-mismatch cases are written for CPU tensors")
-@pytest.mark.parametrize(("overrides", "message"), [c[1:] for c in _bad_calls()], ids=[c[0] for c in _bad_calls()])
+@pytest.mark.parametrize(
+    ("overrides", "message"), [c[1:] for c in _bad_calls()], ids=[c[0] for c in _bad_calls()]
+)
 def test_w8a8_linear_rejects_bad_input(no_launch: None, overrides: dict, message: str) -> None:
     a, w, a_scale, w_scale, bias = _operands(5, 16, 64)
     kwargs = {"a": a, "w": w, "a_scale": a_scale, "w_scale": w_scale, "bias": bias, "activation": None}

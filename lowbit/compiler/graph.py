@@ -19,7 +19,9 @@ QUANTIZABLE = {
     aten.conv2d.default: "conv2d",
 }
 #: activations that fuse into the preceding linear/conv (quantize after them, never between)
-FUSABLE_ACTIVATIONS = {aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default}
+FUSABLE_ACTIVATIONS = {
+    aten.relu.default, aten.relu_.default, aten.relu6.default, aten.hardtanh.default, aten.hardtanh_.default,
+}
 
 
 def is_quantizable(node: fx.Node) -> bool:

@@ -174,7 +174,9 @@ def int8_gemm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     # ---- check constraints ----
     a, w = _check_operands(a, w)
     if a.shape[1] >= 2**17:
-        raise KernelInputError("a.shape[1] (K)", "< 131072 so the int32 accumulator cannot overflow", a.shape[1])
+        raise KernelInputError(
+            "a.shape[1] (K)", "< 131072 so the int32 accumulator cannot overflow", a.shape[1]
+        )
     # ---- allocate -> grid -> launch ----
     out = torch.empty((a.shape[0], w.shape[0]), dtype=torch.int32, device=a.device)
     _launch(a, w, out, None, None, None, None)
@@ -207,7 +209,9 @@ def w8a8_linear(
     a, w = _check_operands(a, w)
     m, n = a.shape[0], w.shape[0]
     if a.shape[1] >= 2**17:
-        raise KernelInputError("a.shape[1] (K)", "< 131072 so the int32 accumulator cannot overflow", a.shape[1])
+        raise KernelInputError(
+            "a.shape[1] (K)", "< 131072 so the int32 accumulator cannot overflow", a.shape[1]
+        )
     check_tensor("a_scale", a_scale, dtypes=(torch.float32,), shape=(m,), device=a.device)
     check_tensor("w_scale", w_scale, dtypes=(torch.float32,), shape=(n,), device=a.device)
     if bias is not None:

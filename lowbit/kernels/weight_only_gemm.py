@@ -6,7 +6,7 @@
 ``x`` is float16 / bfloat16 / float32 ``[M, K]``; the output has x's dtype. Codes ``q`` are int8
 ``[N, K]`` (symmetric 8 bit), uint8 ``[N, K]`` (asymmetric 8 bit) or packed uint8 ``[N, K // 2]``
 (4 bit, low nibble = even k; signed -8..7 without zero points, unsigned 0..15 with them); scales
-are ``[N, K // G]`` (float16 normally), zero points uint8 of the same shape. ``G`` is 32, 64, 128
+are ``[N, K // G]`` (float16 normally), zero points uint8 (or int32) of the same shape. ``G`` is 32, 64, 128
 or ``K`` (per channel). See :mod:`lowbit.runtime.reference` for the storage format in full.
 
 The scale is applied per K-tile, not per element: a tile never straddles two groups (its size
@@ -45,6 +45,7 @@ __all__ = ["GEMV_MAX_M", "weight_only_linear"]
 
 X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ZERO_DTYPES = (torch.uint8, torch.int32)  # int32: what lowbit.runtime.qparams.choose_qparams returns
 GEMV_MAX_M = 8  # rows up to which the split-K GEMV kernel is used
 _TILED_MAX_BLOCK_K = 128
 _GEMV_MAX_BLOCK_K = 64
@@ -131,7 +132,9 @@ def _weight_only_tiled_kernel(
         if BITS == 8:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
-            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            x = tl.load(
+                x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0
+            )
             q = tl.load(
                 q_ptr + offs_k[:, None] * stride_qk + offs_n[None, :] * stride_qn,
                 mask=mask_k[:, None] & mask_n[None, :],
@@ -196,7 +199,9 @@ def _weight_only_gemv_kernel(
         if BITS == 8:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
-            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            x = tl.load(
+                x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0
+            )
             q = tl.load(
                 q_ptr + offs_k[:, None] * stride_qk + offs_n[None, :] * stride_qn,
                 mask=mask_k[:, None] & mask_n[None, :],
@@ -214,8 +219,12 @@ def _weight_only_gemv_kernel(
             ).to(tl.int32)
             lo, hi = _unpack_nibbles(packed, z, HAS_ZEROS)
             x_mask = mask_m[:, None] & mask_p[None, :]
-            x_even = tl.load(x_rows + (2 * offs_p)[None, :] * stride_xk, mask=x_mask, other=0.0).to(tl.float32)
-            x_odd = tl.load(x_rows + (2 * offs_p + 1)[None, :] * stride_xk, mask=x_mask, other=0.0).to(tl.float32)
+            x_even = tl.load(x_rows + (2 * offs_p)[None, :] * stride_xk, mask=x_mask, other=0.0).to(
+                tl.float32
+            )
+            x_odd = tl.load(x_rows + (2 * offs_p + 1)[None, :] * stride_xk, mask=x_mask, other=0.0).to(
+                tl.float32
+            )
             part = tl.sum(x_even[:, :, None] * lo.to(tl.float32)[None, :, :], axis=1)
             part += tl.sum(x_odd[:, :, None] * hi.to(tl.float32)[None, :, :], axis=1)
         acc += part * s[None, :]
@@ -296,7 +305,9 @@ def _check_inputs(
     if bits not in (4, 8):
         raise KernelInputError("bits", "4 or 8", bits)
     if not isinstance(group_size, int) or not (group_size in SUPPORTED_GROUP_SIZES or group_size == k):
-        raise KernelInputError("group_size", f"one of {SUPPORTED_GROUP_SIZES} or K={k} (per channel)", group_size)
+        raise KernelInputError(
+            "group_size", f"one of {SUPPORTED_GROUP_SIZES} or K={k} (per channel)", group_size
+        )
     if k % group_size != 0:
         raise KernelInputError("x.shape[1] (K)", f"a multiple of group_size={group_size}", k)
     if bits == 4 and k % 2 != 0:
@@ -307,12 +318,14 @@ def _check_inputs(
         q_dtype = torch.uint8 if has_zeros else torch.int8  # asymmetric codes are unsigned
         qweight = check_tensor("qweight", qweight, dtypes=(q_dtype,), shape=(None, k), device=x.device)
     else:
-        qweight = check_tensor("qweight", qweight, dtypes=(torch.uint8,), shape=(None, k // 2), device=x.device)
+        qweight = check_tensor(
+            "qweight", qweight, dtypes=(torch.uint8,), shape=(None, k // 2), device=x.device
+        )
     n = qweight.shape[0]
     groups = k // group_size
     check_tensor("scales", scales, dtypes=SCALE_DTYPES, shape=(n, groups), device=x.device)
     if has_zeros:
-        check_tensor("zeros", zeros, dtypes=(torch.uint8,), shape=(n, groups), device=x.device)
+        check_tensor("zeros", zeros, dtypes=ZERO_DTYPES, shape=(n, groups), device=x.device)
     if bias is not None:
         check_tensor("bias", bias, dtypes=X_DTYPES, shape=(n,), device=x.device)
     return m, n, k
@@ -337,7 +350,7 @@ def weight_only_linear(
             packed uint8 ``[N, K // 2]`` (bits=4), as made by
             :func:`lowbit.runtime.reference.quantize_weight_groupwise` (+ ``pack_int4``).
         scales: ``[N, K // group_size]`` (float16 normally; bfloat16 / float32 accepted).
-        zeros: optional uint8 ``[N, K // group_size]`` zero points (asymmetric codes).
+        zeros: optional ``[N, K // group_size]`` zero points (asymmetric codes), uint8 or int32.
         bits: 8 or 4.
         group_size: 32, 64, 128, or K for one scale per output channel; must divide K.
         bias: optional ``[N]``, added in float32.
@@ -380,14 +393,18 @@ def weight_only_linear(
     # ---- grid -> launch ----
     if single:
         c = _INTERPRETER_TILED
-        _weight_only_tiled_kernel[(triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)](*args, **flags, **c)
+        _weight_only_tiled_kernel[(triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)](
+            *args, **flags, **c
+        )
     else:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _tiled_autotuned[grid](*args, **flags)
     return out
 
 
-def _strides(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> tuple[int, ...]:
+def _strides(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor
+) -> tuple[int, ...]:
     # zeros share the scales' shape and are contiguous too, so they reuse the scale strides
     return (x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1),
             scales.stride(0), scales.stride(1), out.stride(0), out.stride(1))  # fmt: skip
@@ -410,4 +427,6 @@ def _dot_in_fp32(x: torch.Tensor, single_config: bool) -> bool:
     bfloat16 under the interpreter also goes through float32: Triton 3.9's interpreter multiplies
     bfloat16 tiles as their raw uint16 bit patterns. The cast is exact, so results are unchanged.
     """
-    return x.dtype == torch.float32 or (single_config and x.device.type == "cpu" and x.dtype == torch.bfloat16)
+    return x.dtype == torch.float32 or (
+        single_config and x.device.type == "cpu" and x.dtype == torch.bfloat16
+    )

@@ -154,36 +154,46 @@ class EntropyObserver(HistogramObserver):
             return self.min_val, self.max_val
         h, width = self._abs_hist()
         n = h.size
-        start = min(self.levels, n)
         best_i, best_kl = n, np.inf
-        for i in range(start, n + 1):
-            p = h[:i].copy()
-            p[-1] += h[i:].sum()  # outliers clipped into the last bin
-            nz = p > 0
-            # quantize the first i bins into `levels` merged bins, spread back over the non-empty ones
-            idx = (np.arange(i) * self.levels) // i
-            merged = np.bincount(idx, weights=h[:i], minlength=self.levels)
-            counts = np.bincount(idx, weights=(h[:i] > 0).astype(np.float64), minlength=self.levels)
-            q = np.where(nz, merged[idx] / np.maximum(counts[idx], 1.0), 0.0)
-            ps, qs = p.sum(), q.sum()
-            if ps == 0 or qs == 0:
-                continue
-            pn, qn = p / ps, q / qs
-            m = nz & (qn > 0)
-            if np.any(nz & (qn == 0)):
-                kl = np.inf
-            else:
-                kl = float(np.sum(pn[m] * np.log(pn[m] / qn[m])))
+        for i in range(min(self.levels, n), n + 1):
+            kl = self._divergence(h, i)
             if kl < best_kl:
                 best_kl, best_i = kl, i
         t = best_i * width
         return self._clip(-t, t)
 
+    def _divergence(self, h: np.ndarray, i: int) -> float:
+        """KL(P || Q) for the threshold at bin i (MXNet/TensorRT: outliers clipped into P's last bin,
+        Q = the first i bins merged into `levels` bins and spread back over P's non-empty bins)."""
+        sliced = h[:i]
+        p = sliced.copy()
+        p[-1] += h[i:].sum()
+        nonzero = p != 0
+        idx = (np.arange(i) * self.levels) // i
+        merged = np.bincount(idx, weights=sliced, minlength=self.levels)
+        norm = np.bincount(idx, weights=nonzero.astype(np.float64), minlength=self.levels)
+        q = np.where(nonzero, merged[idx] / np.maximum(norm[idx], 1.0), 0.0)
+        p, q = _smooth(p), _smooth(q)
+        if p is None or q is None:
+            return np.inf
+        p, q = p / p.sum(), q / q.sum()
+        return float(np.sum(p * np.log(p / q)))
+
+
+def _smooth(d: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
+    """Move a little mass onto empty bins so KL stays finite (MXNet's _smooth_distribution)."""
+    zero = d == 0
+    n_zero, n_nonzero = int(zero.sum()), int(d.size - zero.sum())
+    if n_nonzero == 0:
+        return None
+    out = d.astype(np.float64) + eps * zero - (eps * n_zero / n_nonzero) * (~zero)
+    return out if (out > 0).all() else None
+
 
 class MSEObserver(HistogramObserver):
     """Picks the clipping range minimising the expected squared quantization error on the histogram."""
 
-    def __init__(self, spec: QuantSpec, bins: int = 2048, grid: int = 40) -> None:
+    def __init__(self, spec: QuantSpec, bins: int = 2048, grid: int = 48) -> None:
         super().__init__(spec, bins)
         self.grid = grid
 
@@ -193,22 +203,20 @@ class MSEObserver(HistogramObserver):
         c, w = self._centers(), self.hist
         keep = w > 0
         c, w = c[keep], w[keep]
-        fractions = np.linspace(0.2, 1.0, self.grid)
+        fractions = np.geomspace(0.01, 1.0, self.grid)  # outliers can sit 100x above the bulk
         if self.spec.symmetric:
             amax = max(abs(self.min_val), abs(self.max_val))
-            cands = [(-f * amax, f * amax) for f in fractions]
+            lo = -fractions * amax
+            hi = fractions * amax
         else:
-            cands = [(fl * self.min_val, fh * self.max_val) for fl in fractions for fh in fractions]
-        best, best_err = (self.min_val, self.max_val), np.inf
-        qmin, qmax = self.spec.qmin, self.spec.qmax
-        for lo, hi in cands:
-            scale, zp = choose_qparams(torch.tensor(lo), torch.tensor(hi), self.spec)
-            s, z = float(scale), int(zp)
-            q = np.clip(np.round(c / s) + z, qmin, qmax)
-            err = float(np.sum(w * (c - (q - z) * s) ** 2))
-            if err < best_err:
-                best, best_err = (lo, hi), err
-        return best
+            fl, fh = np.meshgrid(fractions, fractions, indexing="ij")
+            lo, hi = (fl * min(self.min_val, 0.0)).ravel(), (fh * max(self.max_val, 0.0)).ravel()
+        scale, zp = choose_qparams(torch.from_numpy(lo), torch.from_numpy(hi), self.spec)
+        s, z = scale.double().numpy()[:, None], zp.double().numpy()[:, None]
+        q = np.clip(np.round(c[None, :] / s) + z, self.spec.qmin, self.spec.qmax)
+        err = ((c[None, :] - (q - z) * s) ** 2 * w[None, :]).sum(axis=1)
+        k = int(np.argmin(err))
+        return float(lo[k]), float(hi[k])
 
 
 def make_observer(spec: QuantSpec, method: str = "minmax", *, percentile: float = 99.99, bins: int = 2048) -> Observer:

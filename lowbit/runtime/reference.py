@@ -91,7 +91,9 @@ def int8_gemm_ref(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     matmul, which is still exact: every product is an integer with ``|.| <= 2**14`` and every
     partial sum an integer below ``K * 2**14 < 2**53``, so no rounding happens in any order.
     """
-    _require(a.dtype == torch.int8 and w.dtype == torch.int8, f"expected int8 inputs, got {a.dtype}, {w.dtype}")
+    _require(
+        a.dtype == torch.int8 and w.dtype == torch.int8, f"expected int8 inputs, got {a.dtype}, {w.dtype}"
+    )
     _require(a.dim() == 2 and w.dim() == 2 and a.shape[1] == w.shape[1], f"bad shapes {a.shape}, {w.shape}")
     # assumes K * 128 * 128 < 2**31, i.e. K < 131072, so the int32 accumulator cannot overflow
     _require(a.shape[1] < 2**17, f"K={a.shape[1]} could overflow an int32 accumulator")
@@ -133,7 +135,9 @@ def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     float32 [M])``.
     """
     # assumes symmetric quantization; assumes axis == 0 (one scale per row / token)
-    _require(x.dim() == 2 and x.is_floating_point(), f"expected a 2-D float tensor, got {x.dtype} {tuple(x.shape)}")
+    _require(
+        x.dim() == 2 and x.is_floating_point(), f"expected a 2-D float tensor, got {x.dtype} {tuple(x.shape)}"
+    )
     xf = x.to(torch.float32)
     scale = xf.abs().amax(dim=1).clamp(min=PER_TOKEN_EPS) / INT8_QMAX
     q = torch.round(xf / scale[:, None]).clamp(-INT8_QMAX, INT8_QMAX).to(torch.int8)  # round: half to even
@@ -175,7 +179,9 @@ def quantize_weight_groupwise(
     it will use. 4-bit codes come back unpacked; pass them through :func:`pack_int4` for the kernel.
     """
     _require(bits in (4, 8), f"bits: expected 4 or 8, got {bits}")
-    _require(w.dim() == 2 and w.is_floating_point(), f"expected a 2-D float weight, got {w.dtype} {tuple(w.shape)}")
+    _require(
+        w.dim() == 2 and w.is_floating_point(), f"expected a 2-D float weight, got {w.dtype} {tuple(w.shape)}"
+    )
     n, k = w.shape
     group_size = k if group_size is None else group_size
     _check_group_size(k, group_size)
@@ -239,10 +245,15 @@ def dequantize_groupwise(
     _require(q.dim() == 2 and scales.dim() == 2, f"expected 2-D q and scales, got {q.shape}, {scales.shape}")
     n, k = q.shape
     _check_group_size(k, group_size)
-    _require(tuple(scales.shape) == (n, k // group_size), f"scales: expected {(n, k // group_size)}, got {tuple(scales.shape)}")
+    _require(
+        tuple(scales.shape) == (n, k // group_size),
+        f"scales: expected {(n, k // group_size)}, got {tuple(scales.shape)}",
+    )
     qg = q.to(torch.float32).reshape(n, k // group_size, group_size)
     if zeros is not None:
-        _require(zeros.shape == scales.shape, f"zeros: expected {tuple(scales.shape)}, got {tuple(zeros.shape)}")
+        _require(
+            zeros.shape == scales.shape, f"zeros: expected {tuple(scales.shape)}, got {tuple(zeros.shape)}"
+        )
         qg = qg - zeros.to(torch.float32)[:, :, None]
     return (qg * scales.to(torch.float32)[:, :, None]).reshape(n, k)
 

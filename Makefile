@@ -1,0 +1,37 @@
+# `make demo` and `make test` work on a fresh machine with only Python: each creates .venv when missing
+# and installs lowbit with its extras, torch pinned to 2.13.0 (a local CPU wheel satisfies it; an
+# unpinned torch would pull gigabytes of CUDA packages).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.lowbit-installed
+EXTRAS := examples,dev,triton,openvino
+
+.PHONY: install demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]" torch==2.13.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/python examples/demo.py
+
+# pytest exits 5 when it collected no tests: make treats any non-zero exit as failure.
+test: install
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check lowbit tests benchmarks examples
+
+bench: install
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS),bench]" torch==2.13.0
+	$(BIN)/python benchmarks/cpu.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache
