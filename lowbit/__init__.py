@@ -21,3 +21,6 @@ __all__ = [
     "LowbitError", "CaptureError", "CalibrationError", "QuantConfigError", "PlanError", "ArtifactError",
     "BackendNotAvailable", "PassError", "InputError",
 ]
+from lowbit.runtime.layerwise import LayerwiseReport, compare_layers  # noqa: E402
+
+__all__ += ["compare_layers", "LayerwiseReport"]

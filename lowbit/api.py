@@ -49,8 +49,12 @@ def load(directory: str | os.PathLike[str], *, model: torch.nn.Module | None = N
 
     target="torch" artifacts are recipes and need ``model=`` (the original model) to re-apply them.
     """
+    manifest = read_manifest(directory)
+    if manifest.get("kind") == "onnx":  # deployable artifacts load with the runtime alone
+        from lowbit.runtime.onnx_artifact import load_onnx_artifact
+
+        return load_onnx_artifact(directory, manifest, **options)
     from lowbit.backends.registry import get_backend
 
-    manifest = read_manifest(directory)
     backend = get_backend(str(manifest.get("target")))
     return backend.load(Path(directory), manifest, model=model, **options)

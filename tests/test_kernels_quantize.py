@@ -56,7 +56,7 @@ def test_quantize_per_token_zero_row_and_saturation() -> None:
     x[1, 7] = -3.0  # the row's absmax is negative: maps to -127
     x[2] = torch.linspace(-1, 1, 40)
     q, scale = quantize_per_token(x.to(DEVICE))
-    assert q.cpu()[0].abs().sum().item() == 0 and scale[0].item() == pytest.approx(1e-8 / 127)
+    assert q.cpu()[0].abs().sum().item() == 0 and scale[0].item() == pytest.approx(1e-5 / 127)
     assert q.cpu()[1, 7].item() == -127
     assert q.cpu()[2].min().item() == -127 and q.cpu()[2].max().item() == 127
     _assert_matches_reference(x.to(DEVICE))

@@ -10,6 +10,9 @@ from lowbit.errors import LowbitError
 #: target -> "module:Class"
 TARGETS: dict[str, str] = {
     "torch": "lowbit.backends.torch.backend:TorchBackend",
+    "onnxruntime-int8": "lowbit.backends.onnx.backend:OnnxRuntimeBackend",
+    "openvino-int8": "lowbit.backends.onnx.backend:OpenVinoBackend",
+    "triton": "lowbit.backends.triton.backend:TritonBackend",
 }
 
 

@@ -134,3 +134,22 @@ def delete_unused_attrs(gm: fx.GraphModule) -> int:
         removed += 1
     gm.delete_all_unused_submodules()
     return removed
+
+
+def layer_macs(gm: fx.GraphModule, flat_inputs: list[torch.Tensor]) -> dict[str, int]:
+    """Multiply-accumulates of every annotated layer for these inputs (output elements x reduction size)."""
+    macs: dict[str, int] = {}
+
+    class _Count(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> object:
+            out = super().run_node(n)
+            if meta.SPEC in n.meta and isinstance(out, torch.Tensor):
+                w = n.args[1].meta.get("val") if isinstance(n.args[1], fx.Node) else None
+                if isinstance(w, torch.Tensor):
+                    k = w.shape[1] if n.target is aten.linear.default else int(torch.tensor(w.shape[1:]).prod())
+                    macs[n.meta[meta.LAYER]] = macs.get(n.meta[meta.LAYER], 0) + out.numel() * int(k)
+            return out
+
+    with torch.no_grad():
+        _Count(gm).run(*flat_inputs)
+    return macs

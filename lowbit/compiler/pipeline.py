@@ -63,7 +63,8 @@ def compile_model(
     ctx = PassContext(config=config, plan=Plan.coerce(plan), calibration=calibration,
                       input_names=captured.input_names, example=(captured.args, captured.kwargs),
                       qparams=qparams, progress=progress)
-    ctx.notes.update(signature=signature, target=target, supported_schemes=backend.schemes)
+    ctx.notes.update(signature=signature, target=target, supported_schemes=backend.schemes,
+                     quantize_conv_outputs=getattr(backend, "quantize_conv_outputs", False))
     instruments: list[Any] = [VerifyInstrument(), TimingInstrument()]
     dump = dump_dir or os.environ.get("LOWBIT_DUMP_DIR")
     if dump:

@@ -1,6 +1,6 @@
 """Dynamic per-token (row-wise) symmetric int8 quantisation of activations.
 
-    scale[m] = max(absmax(x[m, :]), 1e-8) / 127
+    scale[m] = max(absmax(x[m, :]), 1e-5) / 127
     q[m, k]  = clamp(round_half_to_even(x[m, k] / scale[m]), -127, 127)      (int8)
 
 This produces the ``a`` / ``a_scale`` operands of :func:`lowbit.kernels.w8a8_gemm.w8a8_linear`
@@ -22,7 +22,7 @@ triton, tl = import_triton()
 __all__ = ["quantize_per_token"]
 
 IN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_EPS = tl.constexpr(1e-8)  # floor on absmax; must equal reference.PER_TOKEN_EPS
+_EPS = tl.constexpr(1e-5)  # floor on absmax; must equal reference.PER_TOKEN_EPS (torch's per-token 1e-5)
 _MAX_INTERPRETER_BLOCK_K = 1024
 
 
@@ -92,7 +92,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise each row of ``x [M, K]`` (float16/bfloat16/float32) to int8 with its own scale.
 
     Returns ``(q int8 [M, K], scale float32 [M])`` with ``x ~= q * scale[:, None]``; see the module
-    docstring for the exact math. An all-zero row gets ``scale = 1e-8 / 127`` and ``q = 0``; rows
+    docstring for the exact math. An all-zero row gets ``scale = 1e-5 / 127`` and ``q = 0``; rows
     holding inf or NaN get unspecified codes (there is no meaningful scale for them).
     """
     # ---- check constraints ----

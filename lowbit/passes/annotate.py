@@ -61,6 +61,10 @@ class Annotate(Pass):
             if why is not None:
                 err = PlanError if from_plan else QuantConfigError
                 raise err(f"{'plan entry' if from_plan else 'layer'} {name!r}: {why}")
+            if (ctx.notes.get("quantize_conv_outputs") and op.startswith("conv") and spec.scheme == "w8a8"
+                    and spec.output is None):
+                # the engine runs a conv as integer only with a quantized output (ORT's QLinearConv)
+                spec = LayerSpec(spec.scheme, spec.weight, spec.activation, output=spec.activation)
             node.meta[meta.SPEC] = spec
             full[name] = spec
             counts[spec.scheme] = counts.get(spec.scheme, 0) + 1

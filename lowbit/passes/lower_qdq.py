@@ -126,6 +126,7 @@ class LowerQDQ(Pass):
         graph = gm.graph
         dtype = TORCH_DTYPES[spec.dtype]
         q_node = constant_node(gm, f"{name}_weight_q", q, layer)
+        info["weight_attr"] = str(q_node.target)  # backends map engine kernels back to layers by it
         with graph.inserting_before(layer):
             if spec.granularity == "per_tensor":
                 dq = _call(graph, qd.dequantize_per_tensor.default,

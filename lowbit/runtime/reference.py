@@ -50,7 +50,9 @@ ACTIVATIONS: tuple[str | None, ...] = (None, "relu", "gelu")
 """Epilogue activations; ``"gelu"`` is the exact erf form, not the tanh approximation."""
 
 INT8_QMAX = 127
-PER_TOKEN_EPS = 1e-8  # floor on a row's absmax so an all-zero row gets a finite scale
+# floor on a row's absmax so an all-zero row gets a finite scale; 1e-5 as in torch's
+# quantized_decomposed.choose_qparams_per_token and lowbit.runtime.qparams.quantize_per_token
+PER_TOKEN_EPS = 1e-5
 _FP16_MIN_SCALE = 2.0**-24  # smallest positive fp16 (subnormal): a zero scale would divide by zero
 
 
@@ -130,7 +132,7 @@ def w8a8_linear_ref(
 def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 quantisation of each row of ``x [M, K]``.
 
-    ``scale[m] = max(absmax(x[m]), 1e-8) / 127`` and ``q = clamp(round_half_even(x / scale), -127,
+    ``scale[m] = max(absmax(x[m]), 1e-5) / 127`` and ``q = clamp(round_half_even(x / scale), -127,
     127)``, computed in float32 with correctly rounded division. Returns ``(q int8 [M, K], scale
     float32 [M])``.
     """

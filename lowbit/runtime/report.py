@@ -10,6 +10,7 @@ from typing import Any
 COLUMNS = [
     ("layer", "layer"), ("op", "op"), ("scheme", "scheme"), ("weight_granularity", "weights"),
     ("weight_sqnr_db", "w SQNR dB"), ("input_scale", "in scale"), ("input_zero_point", "in zp"),
+    ("kernel", "engine kernel"), ("int8", "int8"),
 ]
 
 
@@ -50,8 +51,10 @@ class Report:
 
     def __str__(self) -> str:
         parts = [self.summary(), self.table()]
-        for name, section in self.sections.items():
-            parts.append(f"\n{name}:\n{section if isinstance(section, str) else section}")
+        engine = self.sections.get("engine")
+        if engine:
+            parts.append(f"\n{engine['engine']}: {engine['int8_share']:.1%} of the quantized layers' "
+                         "multiply-accumulates run in integer kernels")
         return "\n".join(parts)
 
     def to_json(self) -> dict[str, Any]:

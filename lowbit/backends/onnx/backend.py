@@ -1,0 +1,78 @@
+"""The ONNX QDQ targets: ``onnxruntime-int8`` and ``openvino-int8`` share the exported graph and differ in
+the engine that runs it (and the graph shaping each engine's fusions want)."""
+
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+
+from lowbit.backends.onnx.export import OPSET, export_onnx
+from lowbit.compiler.capture import Captured
+from lowbit.compiler.graph import layer_macs
+from lowbit.compiler.pass_manager import Pass, PassContext
+from lowbit.errors import BackendNotAvailable
+from lowbit.runtime.model import CompiledModel
+from lowbit.runtime.onnx_artifact import load_onnx_artifact, make_compiled, write_model
+
+
+class OnnxBackend:
+    name = "onnx"
+    engine = "onnxruntime"
+    module = "onnxruntime"
+    extra: str | None = None
+    #: static W8A8 runs as integer kernels; weight-only W8A16 as DQ-only weights; float carries no Q/DQ
+    schemes = frozenset({"w8a8", "w8a16", "float"})
+
+    def check_available(self) -> None:
+        if importlib.util.find_spec(self.module) is None:
+            hint = f'pip install "lowbit[{self.extra}]"' if self.extra else f"pip install {self.module}"
+            raise BackendNotAvailable(f"target {self.name!r} needs the {self.module} package: {hint}")
+
+    def lowering_passes(self, options: dict[str, Any]) -> list[Pass]:
+        return []
+
+    def build(self, gm: fx.GraphModule, ctx: PassContext, captured: Captured, options: dict[str, Any]) -> CompiledModel:
+        signature = ctx.notes["signature"]
+        layers = ctx.notes.get("layers", {})
+        weight_layers = {v["weight_attr"]: k for k, v in layers.items() if "weight_attr" in v}
+        model, info = export_onnx(gm, signature, weight_layers)
+        flat = [t for t in torch.utils._pytree.tree_leaves((captured.args, captured.kwargs)) if isinstance(t, torch.Tensor)]
+        macs = {k: v for k, v in layer_macs(gm, flat).items() if k in info["weights"]}
+        tmp = tempfile.TemporaryDirectory(prefix="lowbit-onnx-")
+        model_dir = Path(tmp.name)
+        write_model(model, model_dir / "model.onnx")
+        report = ctx.notes["report"]
+        report.sections["onnx_export"] = {"opset": OPSET, **info["rules"], "problems": info["problems"]}
+        state = {"engine": self.engine, "opset": OPSET, "weights": info["weights"], "macs": macs,
+                 "qparams": {k: v for k, v in ctx.notes.get("qparams", {}).items()}, "tmp": tmp}
+        compiled = make_compiled(self.name, self.engine, model_dir, signature, ctx.plan, report, state,
+                                 int(options.get("threads", 2)))
+        compiled.graph_module = gm
+        return compiled
+
+    def save(self, compiled: CompiledModel, directory: Path) -> None:
+        compiled.save(directory)
+
+    def load(self, directory: Path, manifest: dict[str, Any], **kwargs: Any) -> CompiledModel:
+        kwargs.pop("model", None)
+        return load_onnx_artifact(directory, manifest, **kwargs)
+
+
+class OnnxRuntimeBackend(OnnxBackend):
+    name = "onnxruntime-int8"
+    engine = "onnxruntime"
+    module = "onnxruntime"
+    #: ORT fuses DQ -> Conv (-> Relu) -> Q into QLinearConv only with the output quantized
+    quantize_conv_outputs = True
+
+
+class OpenVinoBackend(OnnxBackend):
+    name = "openvino-int8"
+    engine = "openvino"
+    module = "openvino"
+    extra = "openvino"

@@ -1,0 +1,126 @@
+"""Export the lowered graph to an ONNX QDQ model.
+
+``torch.onnx.export(dynamo=True)`` maps the ``quantized_decomposed`` quantize/dequantize ops to
+QuantizeLinear/DequantizeLinear; the rules in qdq_rules.py then shape the graph for the engines' QDQ
+fusions. Dynamic dims keep the Signature's symbol names. Every emitted model passes
+``onnx.checker.check_model(full_check=True)``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from typing import Any
+
+import onnx
+import torch
+from torch import fx
+from torch.export import Dim
+
+from lowbit.backends.onnx.qdq_rules import apply_rules
+from lowbit.errors import LowbitError
+from lowbit.runtime.signature import Signature
+
+OPSET = 21
+
+
+class OnnxExportError(LowbitError):
+    """The lowered graph holds an op with no ONNX translation (the message names the op and the node)."""
+
+
+def _dynamic_shapes(signature: Signature) -> tuple[dict[int, Dim], ...]:
+    dims: dict[str, Dim] = {}
+    out = []
+    for s in signature.inputs:
+        spec = {}
+        for i, d in enumerate(s.shape):
+            if isinstance(d, str):
+                if d not in dims:
+                    lo, hi = signature.dim_bounds.get(d, (1, None))
+                    dims[d] = Dim(d, min=max(lo, 1), max=hi) if hi is not None else Dim(d, min=max(lo, 1))
+                spec[i] = dims[d]
+        out.append(spec)
+    return tuple(out)
+
+
+def _example(signature: Signature) -> tuple[torch.Tensor, ...]:
+    sizes = {}
+    for s in signature.inputs:
+        for d in s.shape:
+            if isinstance(d, str):
+                lo, hi = signature.dim_bounds.get(d, (1, None))
+                sizes[d] = max(min(8, hi or 8), lo, 2)
+    return tuple(signature.example_tensors(sizes))
+
+
+def export_onnx(gm: fx.GraphModule, signature: Signature,
+                weight_layers: dict[str, str] | None = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """The lowered GraphModule as an ONNX QDQ model, plus rewrite stats and ``weights``: layer -> the
+    name of its int8 weight initializer. ``weight_layers`` maps weight buffer names to layer names."""
+    names = [s.name for s in signature.inputs]
+    try:
+        with warnings.catch_warnings(), _quiet():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                gm, _example(signature), dynamo=True, opset_version=OPSET, input_names=names,
+                output_names=list(signature.outputs), dynamic_shapes=_dynamic_shapes(signature),
+                optimize=True, verbose=False, report=False,
+            )
+    except Exception as e:  # the exporter raises several types; name the op when it says which
+        raise OnnxExportError(_explain_export_failure(gm, e)) from e
+    model = program.model_proto
+    model, stats, problems = apply_rules(model)
+    stats["qdq_placement_problems"] = len(problems)
+    weights = name_layer_nodes(model, weight_layers or {})
+    onnx.checker.check_model(model, full_check=True)
+    return model, {"rules": stats, "problems": problems, "weights": weights}
+
+
+def name_layer_nodes(model: onnx.ModelProto, weight_layers: dict[str, str]) -> dict[str, str]:
+    """Name each weight DQ ``<layer>/weight_dq`` and its consumer ``<layer>/<OpType>``, so engine
+    reports (ORT's optimized graph, OpenVINO's originalLayersNames) map back to layers."""
+    inits = {t.name for t in model.graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    weights: dict[str, str] = {}
+    for n in model.graph.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in inits:
+            continue
+        base = n.input[0][:-2] if n.input[0].endswith("_t") and n.input[0] not in weight_layers else n.input[0]
+        layer = weight_layers.get(base)
+        if layer is None:
+            continue
+        weights[layer] = n.input[0]
+        n.name = f"{layer}/weight_dq"
+        for user in consumers.get(n.output[0], []):
+            user.name = f"{layer}/{user.op_type}"
+    return weights
+
+
+def _explain_export_failure(gm: fx.GraphModule, e: Exception) -> str:
+    text = str(e)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and str(node.target) in text:
+            return (f"no ONNX translation for op {node.target} (node {node.name!r}): "
+                    f"{type(e).__name__}: {text.splitlines()[0] if text else ''}")
+    first = "\n".join(text.splitlines()[:8])
+    return f"ONNX export failed: {type(e).__name__}: {first}"
+
+
+class _quiet:
+    """Silence the exporter's progress prints and warnings logger."""
+
+    def __enter__(self) -> None:
+        self.level = logging.getLogger("torch.onnx").level
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        import contextlib
+
+        self.redirect = contextlib.redirect_stdout(io.StringIO())
+        self.redirect.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self.redirect.__exit__(*exc)
+        logging.getLogger("torch.onnx").setLevel(self.level)

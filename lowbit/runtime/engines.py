@@ -1,0 +1,144 @@
+"""Engine runners for ONNX artifacts (ONNX Runtime, OpenVINO) and the proof that INT8 really runs.
+
+A runner takes the flat input tensors and returns torch tensors. ``int8_layers()`` reports, per
+quantized layer, which kernel the engine chose and whether it is an integer kernel:
+
+- ONNX Runtime: the graph ORT actually runs (its optimized model, written once at session creation):
+  the node that consumes a layer's int8 weight, directly or through its DequantizeLinear.
+- OpenVINO: the compiled model's runtime graph (``get_runtime_model()``): each executed layer's
+  ``runtimePrecision`` and the original ONNX nodes fused into it (``originalLayersNames``).
+
+ONNX node names carry the layer: the weight DQ is ``<layer>/weight_dq`` and its consumer
+``<layer>/<OpType>``, so both engines' reports map back to the plan's layer names.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lowbit.errors import BackendNotAvailable, InputError
+from lowbit.runtime.signature import Signature
+
+ORT_INT8_OPS = {
+    "MatMulIntegerToFloat", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm",
+    "DynamicQuantizeMatMul", "QAttention", "MatMulNBits",
+}
+OV_INT8_PRECISIONS = {"u8", "i8"}
+
+
+def _layer_of(node_name: str) -> str | None:
+    if "/" not in node_name:
+        return None
+    layer, _, tail = node_name.rpartition("/")
+    return layer if tail and not tail.startswith("weight_dq") else None
+
+
+class OrtRunner:
+    engine = "onnxruntime"
+
+    def __init__(self, model_path: str | os.PathLike[str], signature: Signature, threads: int = 2) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise BackendNotAvailable("target 'onnxruntime-int8' needs onnxruntime: pip install onnxruntime") from e
+        self.signature = signature
+        self._tmp = tempfile.TemporaryDirectory(prefix="lowbit-ort-")
+        self.optimized_path = Path(self._tmp.name) / "optimized.onnx"
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.optimized_model_filepath = str(self.optimized_path)
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, flat: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        feed = {n: np.ascontiguousarray(t.detach().cpu().numpy()) for n, t in zip(self.input_names, flat, strict=True)}
+        return [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feed)]
+
+    def kernels(self, layers_by_weight: Mapping[str, str]) -> dict[str, str]:
+        """layer -> the op type ORT runs for it (from the optimized graph)."""
+        import onnx
+
+        model = onnx.load(str(self.optimized_path), load_external_data=False)
+        inits = {t.name for t in model.graph.initializer}
+        producers = {o: n for n in model.graph.node for o in n.output}
+        out: dict[str, str] = {}
+        for node in model.graph.node:
+            if node.op_type in ("DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"):
+                continue
+            for name in node.input:
+                src = producers.get(name)
+                weight = name if name in inits else (src.input[0] if src is not None and src.op_type ==
+                                                     "DequantizeLinear" and src.input[0] in inits else None)
+                layer = layers_by_weight.get(weight) if weight else None
+                if layer is not None:
+                    out[layer] = node.op_type
+        return out
+
+    def int8_layers(self, weights: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+        kernels = self.kernels({w: layer for layer, w in weights.items()})
+        return {layer: {"kernel": kernels.get(layer, "?"), "int8": kernels.get(layer) in ORT_INT8_OPS}
+                for layer in weights}
+
+
+class OpenVinoRunner:
+    engine = "openvino"
+
+    def __init__(self, model_path: str | os.PathLike[str], signature: Signature, threads: int = 2) -> None:
+        try:
+            import openvino as ov
+        except ImportError as e:
+            raise BackendNotAvailable(
+                'target \'openvino-int8\' needs OpenVINO: pip install "lowbit[openvino]"') from e
+        self.signature = signature
+        core = ov.Core()
+        model = core.read_model(str(model_path))
+        self.compiled = core.compile_model(
+            model, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1})
+        self.request = self.compiled.create_infer_request()
+        self.inputs = [p.get_any_name() for p in self.compiled.inputs]
+
+    def __call__(self, flat: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        feed = {n: np.ascontiguousarray(t.detach().cpu().numpy()) for n, t in zip(self.inputs, flat, strict=True)}
+        res = self.request.infer(feed)
+        return [torch.from_numpy(np.array(res[o])) for o in self.compiled.outputs]
+
+    def int8_layers(self, weights: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        for op in self.compiled.get_runtime_model().get_ops():
+            info = op.get_rt_info()
+            names = info["originalLayersNames"].astype(str) if "originalLayersNames" in info else ""
+            kind = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
+            prec = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "?"
+            if kind in ("Const", "Reorder", "Input", "Parameter", "Output", "Result"):
+                continue
+            for original in names.split(","):
+                layer = _layer_of(original.strip())
+                if layer in weights and (layer not in found or not found[layer]["int8"]):
+                    found[layer] = {"kernel": f"{kind}:{prec}", "int8": prec in OV_INT8_PRECISIONS}
+        return {layer: found.get(layer, {"kernel": "?", "int8": False}) for layer in weights}
+
+
+RUNNERS = {"onnxruntime": OrtRunner, "openvino": OpenVinoRunner}
+
+
+def make_runner(engine: str, model_path: str | os.PathLike[str], signature: Signature, threads: int = 2) -> Any:
+    if engine not in RUNNERS:
+        raise InputError(f"unknown engine {engine!r}; known: {', '.join(RUNNERS)}")
+    return RUNNERS[engine](model_path, signature, threads)
+
+
+def int8_share(layers: Mapping[str, Mapping[str, Any]], macs: Mapping[str, int]) -> float:
+    """The fraction of the quantized layers' multiply-accumulates that run in an integer kernel."""
+    total = sum(macs.get(layer, 0) for layer in layers)
+    done = sum(macs.get(layer, 0) for layer, v in layers.items() if v["int8"])
+    return done / total if total else 0.0
