@@ -1,0 +1,206 @@
+"""The ONNX QDQ targets on each installed engine: fidelity, the int8 proof, graph shape, artifacts, errors.
+
+Bounds: SQNR vs FP32 >= 30 dB (CNN) / 25 dB (BERT), as for the torch reference; >= 90% of the quantized
+layers' multiply-accumulates in integer kernels (issue 3); the engine within 30 dB of the torch oracle
+(integer rounding and OpenVINO's bf16 attention differ from fake-quant float math).
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import lowbit
+from lowbit.runtime.qparams import sqnr
+from models import SmallResNet, bert_batch, randomize_bn, tiny_bert
+
+BERT_DYN = {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}
+ENGINES = [
+    pytest.param("onnxruntime-int8", marks=pytest.mark.skipif(
+        importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed")),
+    pytest.param("openvino-int8", marks=pytest.mark.skipif(
+        importlib.util.find_spec("openvino") is None, reason="openvino is not installed (extra 'openvino')")),
+]
+
+
+def cnn_cal(n=6):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 1, 16, 16, generator=g),) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    torch.manual_seed(0)
+    return randomize_bn(SmallResNet())
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return tiny_bert()
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def compiled(request, cnn, bert):
+    target = request.param
+    qc = lowbit.compile(cnn, cnn_cal(1)[0], target=target, calibration=cnn_cal(), progress=False)
+    cal = [bert_batch(4, 16, i) for i in range(1, 6)]
+    qb = lowbit.compile(bert, bert_batch(2, 16, 0), target=target, calibration=cal, dynamic_shapes=BERT_DYN,
+                        progress=False)
+    return target, qc, qb
+
+
+def test_fidelity_with_dynamic_dims(cnn, bert, compiled):
+    _, qc, qb = compiled
+    for batch in (1, 5):
+        x = torch.randn(batch, 1, 16, 16)
+        assert sqnr(cnn(x), qc(x)) >= 30.0
+    for batch, seq in ((1, 8), (3, 21)):
+        b = bert_batch(batch, seq, batch + seq)
+        assert sqnr(bert(**b).last_hidden_state, qb(**b)[0]) >= 25.0
+
+
+def test_at_least_90_percent_of_quantized_macs_run_int8(compiled):
+    target, qc, qb = compiled
+    for q in (qc, qb):
+        engine = q.report.sections["engine"]
+        assert engine["int8_share"] >= 0.90, engine["layers"]
+        assert "integer kernels" in str(q.report)
+    kernels = {v["kernel"] for v in qb.report.sections["engine"]["layers"].values()}
+    if target == "onnxruntime-int8":
+        assert kernels == {"MatMulIntegerToFloat"}
+        assert {v["kernel"] for v in qc.report.sections["engine"]["layers"].values()} >= {"QLinearConv"}
+    else:
+        assert all(k.endswith((":u8", ":i8")) for k in kernels)
+
+
+def test_engine_agrees_with_the_torch_oracle_layer_by_layer(bert, compiled):
+    target, _, qb = compiled
+    cal = [bert_batch(4, 16, i) for i in range(1, 6)]
+    ref = lowbit.compile(bert, bert_batch(2, 16, 0), calibration=cal, dynamic_shapes=BERT_DYN, progress=False,
+                         )
+    rep = lowbit.compare_layers(ref, qb, **bert_batch(2, 12, 3))
+    assert len(rep.rows) == 13 and "SQNR" in str(rep)
+    assert min(r["sqnr_db"] for r in rep.rows) >= 30.0
+    if target == "onnxruntime-int8":  # integer kernels compute exactly what the fake-quant graph computes
+        assert min(r["sqnr_db"] for r in rep.rows) >= 90.0
+
+
+def test_graph_shape(compiled, tmp_path):
+    target, qc, qb = compiled
+    for q, name in ((qc, "cnn"), (qb, "bert")):
+        d = q.save(tmp_path / name)
+        model = onnx.load(str(d / "model.onnx"))
+        onnx.checker.check_model(model, full_check=True)
+        assert model.opset_import[0].version >= 17
+        section = q.report.sections["onnx_export"]
+        assert section["problems"] == [] and section["qdq_placement_problems"] == 0
+        consumers = {}
+        for n in model.graph.node:
+            for i in n.input:
+                consumers.setdefault(i, []).append(n)
+        inits = {t.name for t in model.graph.initializer}
+        for n in model.graph.node:
+            if n.op_type == "DequantizeLinear":
+                users = consumers.get(n.output[0], [])
+                assert len(users) == 1, f"{n.name} feeds {len(users)} nodes: a DQ per consumer"
+                if n.input[0] in inits:  # weights feed the MatMul/Conv directly, no Transpose between
+                    assert users[0].op_type in ("MatMul", "Conv", "Gemm")
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in onnx.load(str(tmp_path / "bert" / "model.onnx")).graph.input}
+    assert dims == {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "seq"]}
+
+
+def test_artifact_reloads_without_the_compiler(compiled, tmp_path):
+    target, _, qb = compiled
+    d = qb.save(tmp_path / "bert")
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["target"] == target and manifest["opset"] >= 17 and manifest["lowbit_version"]
+    assert set(manifest["files"]) == {"model.onnx", "plan.json", "qparams.safetensors", "report.json"}
+    assert manifest["dynamic_dims"] == {"input_ids": {"0": "batch", "1": "seq"},
+                                        "attention_mask": {"0": "batch", "1": "seq"}}
+    b = bert_batch(2, 9, 4)
+    save_file(b, str(tmp_path / "inputs.safetensors"))
+    script = (
+        "import sys, lowbit\n"
+        "from safetensors.torch import load_file, save_file\n"
+        f"m = lowbit.load({str(d)!r})\n"
+        f"b = load_file({str(tmp_path / 'inputs.safetensors')!r})\n"
+        f"save_file({{'out': m(**b)[0]}}, {str(tmp_path / 'out.safetensors')!r})\n"
+        "bad = [k for k in sys.modules if k.startswith(('lowbit.compiler', 'lowbit.passes', 'lowbit.backends'))]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).parent.parent)
+    assert torch.equal(load_file(str(tmp_path / "out.safetensors"))["out"], qb(**b)[0])
+
+
+@pytest.mark.parametrize("damage", ["missing", "altered", "manifest"])
+def test_damaged_onnx_artifacts_are_refused(compiled, tmp_path, damage):
+    _, qc, _ = compiled
+    d = qc.save(tmp_path / "cnn")
+    if damage == "missing":
+        (d / "model.onnx").unlink()
+    elif damage == "altered":
+        data = bytearray((d / "model.onnx").read_bytes())
+        data[-10] ^= 0xFF
+        (d / "model.onnx").write_bytes(bytes(data))
+    else:
+        m = json.loads((d / "manifest.json").read_text())
+        m["opset"] = 13
+        (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(lowbit.ArtifactError):
+        lowbit.load(d)
+
+
+def test_numpy_inputs_and_wrong_inputs(compiled):
+    _, qc, _ = compiled
+    x = torch.randn(2, 1, 16, 16)
+    assert torch.equal(qc(x.numpy()), qc(x))
+    with pytest.raises(lowbit.InputError, match="input 'x'"):
+        qc(torch.randn(2, 1, 15, 16))
+    with pytest.raises(lowbit.InputError, match="dtype int64"):
+        qc(torch.ones(2, 1, 16, 16, dtype=torch.int64))
+
+
+def test_missing_engine_names_the_extra(monkeypatch, cnn):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    with pytest.raises(lowbit.BackendNotAvailable, match=r'pip install "lowbit\[openvino\]"'):
+        lowbit.compile(cnn, cnn_cal(1)[0], target="openvino-int8", calibration=cnn_cal(1))
+
+
+@torch.library.custom_op("lowbit_test::mystery", mutates_args=())
+def mystery(x: torch.Tensor) -> torch.Tensor:
+    return x.clone() * 2
+
+
+@mystery.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_op_without_onnx_translation_is_named():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.ops.lowbit_test.mystery(self.fc(x))
+
+    m = Odd().eval()
+    x = torch.randn(2, 4)
+    with pytest.raises(lowbit.LowbitError, match=r"lowbit_test.mystery.*node 'mystery'"):
+        lowbit.compile(m, (x,), target="onnxruntime-int8", calibration=[(x,)], progress=False)
+
+
+def test_thread_count_is_configurable(cnn):
+    q = lowbit.compile(cnn, cnn_cal(1)[0], target="onnxruntime-int8", calibration=cnn_cal(2), threads=1,
+                       progress=False)
+    assert q.state["runner"].session.get_session_options().intra_op_num_threads == 1
