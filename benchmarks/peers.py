@@ -120,7 +120,8 @@ def ov_runner(compiled) -> Callable[[Batch], torch.Tensor]:
 
 def ov_precision(compiled) -> str:
     try:
-        return str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        t = compiled.get_property("INFERENCE_PRECISION_HINT")
+        return t.get_type_name() if hasattr(t, "get_type_name") else str(t)
     except Exception:  # noqa: BLE001 - a property name changed: not worth failing the row
         return "?"
 

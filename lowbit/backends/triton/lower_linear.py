@@ -30,7 +30,13 @@ from torch import fx
 
 from lowbit.backends.triton.ops import OPS, int8_offset
 from lowbit.compiler import meta
-from lowbit.compiler.graph import QUANTIZABLE, annotated_nodes, attr_tensor, constant_node, delete_unused_attrs
+from lowbit.compiler.graph import (
+    QUANTIZABLE,
+    annotated_nodes,
+    attr_tensor,
+    constant_node,
+    delete_unused_attrs,
+)
 from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
 from lowbit.runtime.reference import SUPPORTED_GROUP_SIZES, pack_int4
 
@@ -175,7 +181,7 @@ class LowerQuantizedLinear(Pass):
         z_node = constant_node(gm, f"{name}_zeros", w.zeros, layer) if w.zeros is not None else None
         args = (layer.args[0], q_node, s_node, z_node, _linear_bias(layer), bits, w.group_size)
         self._replace(gm, layer, OPS["weight_only_linear"], args)
-        group = "per channel" if w.group_size == k else f"group {w.group_size}"
+        group = f"group {w.group_size}" + (" = K, one scale per channel" if w.group_size == k else "")
         packed = "int4 packed 2/byte" if bits == 4 else "int8"
         return f"weight_only_gemm ({packed}, {group}{', zero points' if w.zeros is not None else ''})"
 
