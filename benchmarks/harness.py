@@ -364,6 +364,22 @@ def state_dict_mb(module: torch.nn.Module) -> float:
         return file_mb(path)
 
 
+def graph_tensors_mb(gm: torch.fx.GraphModule) -> float:
+    """Size on disk of ``torch.save`` of the tensors the graph reads (get_attr), unused attributes excluded."""
+    tensors = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            obj: Any = gm
+            for part in str(node.target).split("."):
+                obj = getattr(obj, part)
+            if isinstance(obj, torch.Tensor):
+                tensors[str(node.target)] = obj.detach()
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "graph_tensors.pt"
+        torch.save(tensors, path)
+        return file_mb(path)
+
+
 def quick_median_ms(fn: Callable[[], Any], calls: int = 5, warmup: int = 2) -> float:
     """A short median, used inside builds to choose between variants (e.g. optimized vs plain graph)."""
     for _ in range(warmup):

@@ -19,6 +19,8 @@ from lowbit.errors import BackendNotAvailable
 from lowbit.runtime.model import CompiledModel
 from lowbit.runtime.onnx_artifact import load_onnx_artifact, make_compiled, write_model
 
+ATTENTION_OPSET = 23  # the standard Attention op
+
 
 class OnnxBackend:
     name = "onnx"
@@ -40,15 +42,19 @@ class OnnxBackend:
         signature = ctx.notes["signature"]
         layers = ctx.notes.get("layers", {})
         weight_layers = {v["weight_attr"]: k for k, v in layers.items() if "weight_attr" in v}
-        model, info = export_onnx(gm, signature, weight_layers)
+        from lowbit.backends.onnx.attention import CUSTOM_TRANSLATIONS
+
+        uses_attention = any(n.target is torch.ops.lowbit.attention.default for n in gm.graph.nodes)
+        opset = ATTENTION_OPSET if uses_attention else OPSET
+        model, info = export_onnx(gm, signature, weight_layers, CUSTOM_TRANSLATIONS, opset)
         flat = [t for t in torch.utils._pytree.tree_leaves((captured.args, captured.kwargs)) if isinstance(t, torch.Tensor)]
         macs = {k: v for k, v in layer_macs(gm, flat).items() if k in info["weights"]}
         tmp = tempfile.TemporaryDirectory(prefix="lowbit-onnx-")
         model_dir = Path(tmp.name)
         write_model(model, model_dir / "model.onnx")
         report = ctx.notes["report"]
-        report.sections["onnx_export"] = {"opset": OPSET, **info["rules"], "problems": info["problems"]}
-        state = {"engine": self.engine, "opset": OPSET, "weights": info["weights"], "macs": macs,
+        report.sections["onnx_export"] = {"opset": opset, **info["rules"], "problems": info["problems"]}
+        state = {"engine": self.engine, "opset": opset, "weights": info["weights"], "macs": macs,
                  "qparams": {k: v for k, v in ctx.notes.get("qparams", {}).items()}, "tmp": tmp}
         compiled = make_compiled(self.name, self.engine, model_dir, signature, ctx.plan, report, state,
                                  int(options.get("threads", 2)))
@@ -69,6 +75,12 @@ class OnnxRuntimeBackend(OnnxBackend):
     module = "onnxruntime"
     #: ORT fuses DQ -> Conv (-> Relu) -> Q into QLinearConv only with the output quantized
     quantize_conv_outputs = True
+
+    def lowering_passes(self, options: dict[str, Any]) -> list[Pass]:
+        from lowbit.backends.onnx.attention import FuseAttention
+
+        # ORT's optimizer cannot fuse attention in a QDQ graph: emit MultiHeadAttention ourselves
+        return [FuseAttention()] if options.get("fuse_attention", True) else []
 
 
 class OpenVinoBackend(OnnxBackend):

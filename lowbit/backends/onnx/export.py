@@ -54,8 +54,9 @@ def _example(signature: Signature) -> tuple[torch.Tensor, ...]:
     return tuple(signature.example_tensors(sizes))
 
 
-def export_onnx(gm: fx.GraphModule, signature: Signature,
-                weight_layers: dict[str, str] | None = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+def export_onnx(gm: fx.GraphModule, signature: Signature, weight_layers: dict[str, str] | None = None,
+                custom_translations: dict[Any, Any] | None = None,
+                opset: int = OPSET) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The lowered GraphModule as an ONNX QDQ model, plus rewrite stats and ``weights``: layer -> the
     name of its int8 weight initializer. ``weight_layers`` maps weight buffer names to layer names."""
     names = [s.name for s in signature.inputs]
@@ -63,9 +64,9 @@ def export_onnx(gm: fx.GraphModule, signature: Signature,
         with warnings.catch_warnings(), _quiet():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                gm, _example(signature), dynamo=True, opset_version=OPSET, input_names=names,
+                gm, _example(signature), dynamo=True, opset_version=opset, input_names=names,
                 output_names=list(signature.outputs), dynamic_shapes=_dynamic_shapes(signature),
-                optimize=True, verbose=False, report=False,
+                optimize=True, verbose=False, report=False, custom_translation_table=custom_translations,
             )
     except Exception as e:  # the exporter raises several types; name the op when it says which
         raise OnnxExportError(_explain_export_failure(gm, e)) from e

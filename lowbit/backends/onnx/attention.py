@@ -1,0 +1,124 @@
+"""Multi-head attention for ONNX Runtime: SDPA with its head reshapes becomes one MultiHeadAttention.
+
+Exported as is, ``scaled_dot_product_attention`` turns into MatMul/Softmax plus Where/IsNaN guards, which
+cost ONNX Runtime as much as the int8 projections; its transformer optimizer cannot fuse attention in a
+QDQ graph. This pass matches
+
+    q/k/v [B, S, H*D] -> view [B, S, H, D] -> transpose(1, 2) -> sdpa(q, k, v, mask) [B, H, S, D]
+      -> (reshape) -> transpose(1, 2) -> reshape [B, S, H*D]
+
+and replaces it with ``lowbit::attention(q, k, v, mask, H, scale) -> [B, S, H*D]``: in torch, the same
+SDPA (so the graph's numbers do not change); in ONNX, the standard ``Attention`` op (opset 23), which
+ONNX Runtime runs as one fused CPU kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from lowbit.compiler.graph import tensor_meta
+from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
+
+aten = torch.ops.aten
+VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+@torch.library.custom_op("lowbit::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, num_heads: int,
+              scale: float) -> torch.Tensor:
+    """[B, S, H*D] x3 -> [B, S, H*D]; ``mask`` broadcasts to [B, H, S, S] (bool: True attends)."""
+    b, s, hidden = q.shape
+    d = hidden // num_heads
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(b, x.shape[1], num_heads, d).transpose(1, 2)
+
+    out = torch.nn.functional.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).reshape(b, s, hidden)
+
+
+@attention.register_fake
+def _(q, k, v, mask, num_heads, scale):
+    return torch.empty_like(q)
+
+
+def onnx_attention(q, k, v, mask, num_heads: int, scale: float):  # noqa: ANN001, ANN201 - onnxscript types
+    """ONNX translation: the standard Attention op (opset 23) on 3-D [B, S, H*D] inputs, boolean mask."""
+    from onnxscript import opset23 as op
+
+    out = op.Attention(q, k, v, mask, q_num_heads=num_heads, kv_num_heads=num_heads, scale=scale)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+CUSTOM_TRANSLATIONS = {torch.ops.lowbit.attention.default: onnx_attention}
+
+
+def _heads_input(node: object) -> tuple[fx.Node, int, int] | None:
+    """transpose(view(x [B,S,H*D], [B,S,H,D]), 1, 2) -> (x, H, D)."""
+    if not isinstance(node, fx.Node) or node.target is not aten.transpose.int or tuple(node.args[1:]) != (1, 2):
+        return None
+    view = node.args[0]
+    if not isinstance(view, fx.Node) or view.target not in VIEWS or len(view.users) != 1:
+        return None
+    x, val = view.args[0], tensor_meta(view)
+    xv = tensor_meta(x) if isinstance(x, fx.Node) else None
+    if val is None or xv is None or val.ndim != 4 or xv.ndim != 3:
+        return None
+    heads, dim = val.shape[2], val.shape[3]
+    if not isinstance(heads, int) or not isinstance(dim, int) or xv.shape[2] != heads * dim:
+        return None
+    return x, heads, dim
+
+
+def _merged_output(sdpa: fx.Node) -> fx.Node | None:
+    """Follow sdpa -> (reshape 4-D) -> transpose(1, 2) -> reshape 3-D; the final reshape, or None."""
+    node = sdpa
+    seen_transpose = False
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        val = tensor_meta(user)
+        if val is None:
+            return None
+        if user.target is aten.transpose.int and tuple(user.args[1:]) == (1, 2) and not seen_transpose:
+            seen_transpose = True
+        elif user.target in VIEWS and val.ndim == 4 and not seen_transpose:
+            pass
+        elif user.target in VIEWS and val.ndim == 3 and seen_transpose:
+            return user
+        else:
+            return None
+        node = user
+    return None
+
+
+class FuseAttention(Pass):
+    name = "fuse_attention"
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        fused = 0
+        for sdpa in list(gm.graph.nodes):
+            if sdpa.target is not aten.scaled_dot_product_attention.default:
+                continue
+            args = list(sdpa.args) + [None] * (4 - len(sdpa.args))
+            q, k, v, mask = args[:4]
+            if sdpa.kwargs.get("is_causal") or sdpa.kwargs.get("dropout_p", 0.0) or len(sdpa.args) > 4:
+                continue
+            parts = [_heads_input(x) for x in (q, k, v)]
+            out = _merged_output(sdpa)
+            mv = tensor_meta(mask) if isinstance(mask, fx.Node) else None
+            if any(p is None for p in parts) or out is None or (mask is not None and (mv is None or mv.dtype != torch.bool)):
+                continue
+            heads, dim = parts[0][1], parts[0][2]
+            if any(p[1] != heads or p[2] != dim for p in parts):
+                continue
+            scale = sdpa.kwargs.get("scale") or dim**-0.5
+            with gm.graph.inserting_before(out):
+                mha = gm.graph.call_function(
+                    torch.ops.lowbit.attention.default, (parts[0][0], parts[1][0], parts[2][0], mask, heads, float(scale)))
+            mha.meta["val"] = out.meta.get("val")
+            out.replace_all_uses_with(mha)
+            fused += 1
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        return PassResult(gm, {"attention_fused": fused} if fused else {})
