@@ -92,6 +92,16 @@ def _merged_output(sdpa: fx.Node) -> fx.Node | None:
     return None
 
 
+def _erase_chain(graph: fx.Graph, node: fx.Node, stop: fx.Node) -> None:
+    """Erase the now-unused chain node -> ... -> stop (eliminate_dead_code keeps SDPA: it may do dropout)."""
+    while not node.users:
+        prev = node.args[0] if node is not stop else None
+        graph.erase_node(node)
+        if node is stop or not isinstance(prev, fx.Node):
+            return
+        node = prev
+
+
 class FuseAttention(Pass):
     name = "fuse_attention"
 
@@ -118,6 +128,7 @@ class FuseAttention(Pass):
                     torch.ops.lowbit.attention.default, (parts[0][0], parts[1][0], parts[2][0], mask, heads, float(scale)))
             mha.meta["val"] = out.meta.get("val")
             out.replace_all_uses_with(mha)
+            _erase_chain(gm.graph, out, stop=sdpa)
             fused += 1
         gm.graph.eliminate_dead_code()
         gm.recompile()
