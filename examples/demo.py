@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lowbit  # noqa: E402
+
 from common import embedding_cosines, load_minilm, median_ms, text_batches  # noqa: E402
 
 

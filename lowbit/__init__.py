@@ -10,8 +10,15 @@ __version__ = "0.1.0"
 from lowbit.api import compile, load  # noqa: E402
 from lowbit.config import QuantConfig  # noqa: E402
 from lowbit.errors import (  # noqa: E402
-    ArtifactError, BackendNotAvailable, CalibrationError, CaptureError, InputError, LowbitError, PassError,
-    PlanError, QuantConfigError,
+    ArtifactError,
+    BackendNotAvailable,
+    CalibrationError,
+    CaptureError,
+    InputError,
+    LowbitError,
+    PassError,
+    PlanError,
+    QuantConfigError,
 )
 from lowbit.runtime.model import CompiledModel  # noqa: E402
 from lowbit.runtime.spec import LayerSpec, Plan, QuantSpec  # noqa: E402

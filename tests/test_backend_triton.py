@@ -31,8 +31,6 @@ from torch import nn
 
 pytest.importorskip("triton", reason="Triton is not installed (optional extra lowbit[triton])")
 
-from models import SmallResNet, bert_batch, randomize_bn, tiny_bert  # noqa: E402
-
 import lowbit  # noqa: E402
 from lowbit.backends.registry import get_backend  # noqa: E402
 from lowbit.backends.triton.ops import OPS  # noqa: E402
@@ -40,6 +38,8 @@ from lowbit.compiler import meta  # noqa: E402
 from lowbit.compiler.capture import Captured  # noqa: E402
 from lowbit.config import QuantConfig  # noqa: E402
 from lowbit.runtime.qparams import sqnr  # noqa: E402
+
+from models import SmallResNet, bert_batch, randomize_bn, tiny_bert  # noqa: E402
 
 BERT_DYN = {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}
 SCHEMES = ["w8a8", "w8a8_dynamic", "w8a16", "w4a16"]

@@ -6,6 +6,7 @@ from safetensors.torch import load_file, save_file
 
 import lowbit
 from lowbit.cli import main
+
 from models import SmallResNet, randomize_bn
 
 

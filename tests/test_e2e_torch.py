@@ -15,6 +15,7 @@ from torch import nn
 
 import lowbit
 from lowbit.runtime.qparams import sqnr
+
 from models import SmallResNet, bert_batch, randomize_bn, tiny_bert
 
 BERT_DYN = {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}

@@ -8,12 +8,13 @@ import operator
 
 import pytest
 import torch
-from models import bert_batch, tiny_bert
 from torch import fx
 
 import lowbit
 from lowbit.errors import ArtifactError
 from lowbit.runtime.graph_io import GUARDS_FN, graph_from_json, graph_to_json
+
+from models import bert_batch, tiny_bert
 
 aten = torch.ops.aten
 

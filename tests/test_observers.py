@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from lowbit.runtime.observers import (
-    METHODS, EntropyObserver, HistogramObserver, MinMaxObserver, MSEObserver, PercentileObserver, make_observer,
+    METHODS,
+    EntropyObserver,
+    HistogramObserver,
+    MinMaxObserver,
+    MSEObserver,
+    PercentileObserver,
+    make_observer,
 )
 from lowbit.runtime.qparams import fake_quantize
 from lowbit.runtime.spec import QuantSpec

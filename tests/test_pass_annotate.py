@@ -6,12 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import call_flat, run_passes
 from lowbit.compiler import meta
 from lowbit.config import QuantConfig
 from lowbit.errors import PlanError, QuantConfigError
 from lowbit.passes import Annotate
 from lowbit.runtime.spec import LayerSpec, Plan
+
+from helpers import call_flat, run_passes
 
 
 class MLP(nn.Module):

@@ -4,11 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import run_passes
 from lowbit.config import QuantConfig
 from lowbit.errors import CalibrationError
 from lowbit.passes import Annotate, Calibrate, InsertObservers
 from lowbit.passes.insert_observers import observer_nodes
+
+from helpers import run_passes
 
 
 class Two(nn.Module):

@@ -3,8 +3,9 @@
 import torch
 from torch import nn
 
-from helpers import call_flat, count, run_passes
 from lowbit.passes import Canonicalize
+
+from helpers import call_flat, count, run_passes
 
 aten = torch.ops.aten
 

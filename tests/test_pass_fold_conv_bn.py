@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import call_flat, count, rel_err, run_passes
 from lowbit.passes import Canonicalize, FoldConvBatchNorm
+
+from helpers import call_flat, count, rel_err, run_passes
 from models import randomize_bn
 
 aten = torch.ops.aten

@@ -3,11 +3,12 @@
 import torch
 from torch import nn
 
-from helpers import call_flat, count, run_passes
 from lowbit.compiler import meta
 from lowbit.config import QuantConfig
 from lowbit.passes import Annotate, Calibrate, FuseActivation, InsertObservers
 from lowbit.passes.insert_observers import observer_nodes
+
+from helpers import call_flat, count, run_passes
 
 aten = torch.ops.aten
 

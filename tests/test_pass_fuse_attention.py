@@ -2,9 +2,10 @@
 
 import torch
 
-from helpers import call_flat, count, rel_err, run_passes
 from lowbit.backends.onnx.attention import FuseAttention
 from lowbit.passes import Canonicalize
+
+from helpers import call_flat, count, rel_err, run_passes
 from models import bert_batch, tiny_bert
 
 aten = torch.ops.aten

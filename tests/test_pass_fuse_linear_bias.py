@@ -3,8 +3,9 @@
 import torch
 from torch import nn
 
-from helpers import call_flat, count, rel_err, run_passes
 from lowbit.passes import Canonicalize, FuseLinearBias
+
+from helpers import call_flat, count, rel_err, run_passes
 
 aten = torch.ops.aten
 

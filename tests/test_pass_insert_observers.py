@@ -3,11 +3,12 @@
 import torch
 from torch import nn
 
-from helpers import call_flat, run_passes
 from lowbit.compiler import meta
 from lowbit.config import QuantConfig
 from lowbit.passes import Annotate, InsertObservers
 from lowbit.passes.insert_observers import observer_nodes
+
+from helpers import call_flat, run_passes
 
 
 class QKV(nn.Module):

@@ -3,11 +3,18 @@
 import torch
 from torch import nn
 
-from helpers import call_flat, count, run_passes
 from lowbit.config import QuantConfig
 from lowbit.passes import Annotate, Calibrate, InsertObservers, LowerQDQ
-from lowbit.runtime.qparams import choose_qparams, dequantize_weight, fake_quantize, quantize_per_token, quantize_weight
+from lowbit.runtime.qparams import (
+    choose_qparams,
+    dequantize_weight,
+    fake_quantize,
+    quantize_per_token,
+    quantize_weight,
+)
 from lowbit.runtime.spec import QuantSpec
+
+from helpers import call_flat, count, run_passes
 
 qd = torch.ops.quantized_decomposed
 PASSES = [Annotate(), InsertObservers(), Calibrate(), LowerQDQ()]

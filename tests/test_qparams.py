@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from lowbit.runtime.qparams import (
-    EPS, choose_qparams, dequantize, dequantize_weight, fake_quantize, quantize, quantize_per_token,
-    quantize_weight, sqnr,
+    EPS,
+    choose_qparams,
+    dequantize,
+    dequantize_weight,
+    fake_quantize,
+    quantize,
+    quantize_per_token,
+    quantize_weight,
+    sqnr,
 )
 from lowbit.runtime.spec import QuantSpec
 

@@ -1,10 +1,10 @@
 """target="torch" with compile=True: inductor's x86 fusions map q/dq + linear to oneDNN int8 kernels."""
 
-import pytest
 import torch
 
 import lowbit
 from lowbit.runtime.qparams import sqnr
+
 from models import SmallResNet, bert_batch, randomize_bn, tiny_bert
 
 BERT_DYN = {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}

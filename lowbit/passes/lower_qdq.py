@@ -21,7 +21,13 @@ import torch
 from torch import fx
 
 from lowbit.compiler import meta
-from lowbit.compiler.graph import QUANTIZABLE, annotated_nodes, attr_tensor, constant_node, delete_unused_attrs
+from lowbit.compiler.graph import (
+    QUANTIZABLE,
+    annotated_nodes,
+    attr_tensor,
+    constant_node,
+    delete_unused_attrs,
+)
 from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
 from lowbit.errors import ArtifactError
 from lowbit.passes.calibrate import qparam_key

@@ -62,9 +62,8 @@ class TorchBackend:
 
         Shapes are static per compiled graph (a new batch size recompiles): with dynamic shapes, inductor's
         qconv lowering in torch 2.13 fails a stride assertion."""
-        from torch._inductor.utils import run_and_get_code
-
         import torch._inductor.config as inductor_config
+        from torch._inductor.utils import run_and_get_code
 
         compiled = torch.compile(gm, dynamic=False)  # one static graph per shape: qconv needs static strides
 
