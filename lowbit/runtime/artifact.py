@@ -50,7 +50,9 @@ def _json_default(o: Any) -> Any:
 
 
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    """safetensors refuses tensors that share storage (e.g. one SmoothQuant scale used by Q, K and V):
+    every entry gets its own copy."""
+    save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(path))
 
 
 def write_artifact(directory: str | os.PathLike[str], writer: Callable[[Path], None], manifest: dict[str, Any]) -> Path:
