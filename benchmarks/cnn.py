@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
-
 from harness import BuildContext, RowSpec
 from peers import DEFAULT_LOWBIT_ROWS, LowbitRow, Workload, standard_rows
+from torch import nn
 
 BATCH = 32
 TEST_SIZE = 384  # 12 batches of 32

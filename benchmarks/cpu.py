@@ -21,6 +21,7 @@ X86InductorQuantizer + inductor; one row per lowbit CPU engine plus any extra lo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import re
@@ -38,9 +39,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
-
 import harness  # noqa: E402
+import torch  # noqa: E402
 from peers import DEFAULT_LOWBIT_ROWS, LowbitRow, Workload, standard_rows  # noqa: E402
 
 DEFAULT_OUT = HERE / "results"
@@ -49,6 +49,9 @@ DEFAULT_OUT = HERE / "results"
 #: fields). Add e.g. ``LowbitRow("lowbit ORT +SmoothQuant", "onnxruntime-int8", config={...})``.
 LOWBIT_ROWS: list[LowbitRow] = [
     *DEFAULT_LOWBIT_ROWS,
+    # ablations, one line each, e.g.:
+    # LowbitRow("lowbit ORT, plain W8A8", "onnxruntime-int8", config={"smoothquant": False, "target_sqnr_db": None}),
+    # LowbitRow("lowbit ORT, +SmoothQuant", "onnxruntime-int8", config={"target_sqnr_db": None}),
 ]
 
 
@@ -190,6 +193,10 @@ def render(payload: dict[str, Any]) -> str:
            f"openvino {v['openvino']}, nncf {v['nncf']}, torchao {v['torchao']}; "
            f"{payload['args']['rounds']} interleaved rounds x {payload['args']['iters']} calls per row; "
            "speedup vs the fastest FP32 row." + (" **--quick: not a measurement.**" if payload["args"]["quick"] else "")]
+    load = [env.get("load_avg_start"), env.get("load_avg_end")]
+    if all(load):
+        out[-1] += (f" 1-min load average {load[0][0]:.1f} at the start, {load[1][0]:.1f} at the end"
+                    f" ({env['cpu_count']} CPUs); whole run {payload.get('wall_s', 0) / 60:.0f} min.")
     for key, title, quality in (("minilm", "MiniLM-L6, batch 8 x 128", "cos"), ("cnn", "CNN, batch 32 x 1 x 32 x 32",
                                                                                    "top1")):
         part = payload.get(key)
@@ -220,8 +227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\n=== {key} ===", flush=True)
             work = Path(tmp) / key
             work.mkdir()
+            t_part = time.perf_counter()
             try:
                 payload[key] = fn(args, work)
+                payload[key]["wall_s"] = time.perf_counter() - t_part
             except Exception as e:  # a broken workload must not lose the other one's results
                 import traceback
 
@@ -229,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 payload[key] = {"error": harness.short_error(e), "rows": []}
             torch._dynamo.reset()
     payload["wall_s"] = time.perf_counter() - t0
+    with contextlib.suppress(OSError):
+        payload["environment"]["load_avg_end"] = os.getloadavg()
     md = render(payload)
     harness.write_results(args.out, "cpu", payload, md)
     print()

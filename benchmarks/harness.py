@@ -6,8 +6,8 @@ row receives, the same objects for every row), the size on disk of what it built
 raises is recorded -- the row keeps its error string and shows ``n/a (reason)`` -- and never stops the run.
 
 Compile time is wall time from the start of ``build`` up to the end of the first call (so lazy compilers
-such as ``torch.compile`` are charged for their compilation), plus the time of shared stages the row used
-(an ONNX export several rows reuse is charged to each of them, see :class:`StageCache`).
+such as ``torch.compile`` are charged for their compilation), with shared stages (an ONNX export several
+rows reuse, see :class:`StageCache`) counted once for each row that used them, whichever made them.
 
 Timing: after ``warmup`` calls per row, ``rounds`` rounds; each round visits every row once (round-robin,
 the starting row rotating from round to round) and times ``iters`` consecutive calls of it, cycling over
@@ -77,13 +77,19 @@ class BuildContext:
 
 
 class StageCache:
-    """Memoises shared work (e.g. one ONNX export used by several rows) and remembers its wall time."""
+    """Memoises shared work (e.g. one ONNX export used by several rows) and remembers its wall time.
+
+    ``spent`` accumulates the wall time of outermost stage computations, so a build that happens to make
+    a stage first is not charged for it twice (once in its own wall time, once via ``Built.stages_s``).
+    """
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self._values: dict[str, Any] = {}
         self._times: dict[str, float] = {}
         self._errors: dict[str, BaseException] = {}
         self._clock = clock
+        self._depth = 0
+        self.spent = 0.0
 
     def get(self, key: str, make: Callable[[], Any]) -> tuple[Any, float]:
         """The value of stage ``key`` (made once) and the seconds it took to make it."""
@@ -91,11 +97,16 @@ class StageCache:
             raise self._errors[key]
         if key not in self._values:
             t0 = self._clock()
+            self._depth += 1
             try:
                 self._values[key] = make()
             except BaseException as e:
                 self._errors[key] = e
                 raise
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self.spent += self._clock() - t0
             self._times[key] = self._clock() - t0
         return self._values[key], self._times[key]
 
@@ -147,6 +158,7 @@ def build_rows(specs: Sequence[RowSpec], ctx: BuildContext, *, log: Callable[[st
         results.append(res)
         log(f"  build {spec.name} ...")
         t0 = clock()
+        spent0 = ctx.stages.spent
         try:
             b = spec.build(ctx)
             with torch.no_grad():
@@ -158,7 +170,8 @@ def build_rows(specs: Sequence[RowSpec], ctx: BuildContext, *, log: Callable[[st
             res.extra["traceback"] = traceback.format_exc(limit=8)[-4000:]
             log(f"    n/a: {res.error}")
             continue
-        res.compile_s = clock() - t0 + b.stages_s
+        # own wall time, minus shared stages made during it, plus every shared stage it used
+        res.compile_s = clock() - t0 - (ctx.stages.spent - spent0) + b.stages_s
         res.size_mb = b.size_mb
         res.note = b.note
         res.extra.update(b.extra)
@@ -278,7 +291,9 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, quality: str) -> str:
     for r in rows:
         name = r["name"] + (f" ({r['note']})" if r.get("note") else "")
         if r.get("error") and r.get("ms_median") is None:
-            reason = str(r["error"]).replace("|", "/")
+            reason = str(r["error"]).replace("|", "/").replace("\n", " ")
+            if len(reason) > 160:
+                reason = reason[:157] + "..."
             cells = [name, r["group"], f"n/a ({reason})"] + [""] * (len(head) - 3)
         else:
             q = ([_fmt(r.get("cos_mean"), ".4f"), _fmt(r.get("cos_min"), ".4f")] if quality == "cos"

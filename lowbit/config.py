@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +12,8 @@ from lowbit.runtime.observers import METHODS
 from lowbit.runtime.spec import SCHEMES, LayerSpec, QuantSpec, scheme_spec
 
 WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+#: the default fidelity target of the automatic plan (see lowbit/compiler/planner.py for why this value)
+DEFAULT_TARGET_SQNR_DB = 18.0
 
 
 @dataclass(frozen=True)
@@ -19,11 +21,28 @@ class QuantConfig:
     """Quantization settings.
 
     Default: W8A8 -- symmetric int8 weights per output channel, int8 activations per tensor (stored as
-    asymmetric uint8, the x86 u8s8 fast path of oneDNN and ONNX Runtime), calibrated by min/max.
+    asymmetric uint8, the x86 u8s8 fast path of oneDNN and ONNX Runtime), calibrated by min/max -- after
+    SmoothQuant with a per-layer searched alpha, and with layers promoted to more accurate schemes only
+    if the outputs fall below 18 dB SQNR (why these defaults: ``lowbit/compiler/planner.py``).
 
     ``overrides`` maps a module-path pattern (fnmatch, e.g. ``"encoder.layer.*.output.dense"``) to
     ``"skip"`` (keep float), a scheme name (``"w8a16"``), or a dict of QuantConfig fields for that layer
-    (``{"scheme": "w4a16", "group_size": 64}``). The last matching pattern wins.
+    (``{"scheme": "w4a16", "group_size": 64}``, ``{"smoothquant_alpha": 0.8}``). The last matching pattern
+    wins. A layer an override names is pinned: the automatic plan does not change its scheme.
+
+    SmoothQuant (``lowbit/passes/smooth_quant.py``): ``smoothquant`` switches it on, ``smoothquant_alpha``
+    is the migration strength in [0, 1] or ``"auto"`` (searched per layer).
+
+    Automatic mixed precision (``lowbit/compiler/planner.py``): with a fidelity target, layers whose
+    quantization costs too much are promoted from ``scheme`` to more accurate schemes the target runs
+    (``w8a8_dynamic``, ``w8a16``, ``float``), cheapest gain first, until the target is met. The target
+    is ``target_sqnr_db`` (SQNR of the model outputs against float on ``fidelity_batches`` calibration
+    batches; None switches planning off) or, when given, ``fidelity_fn(model) -> float`` (higher is
+    better; ``model`` is called like the original) within ``fidelity_tolerance`` of its float value.
+    ``plan_schemes`` restricts the schemes the planner may choose. ``sensitivity=True`` computes the
+    full per-layer sensitivity table (report section, ``sensitivity.png`` in the dump directory) even
+    when the plan needs no search. Calibration is read more than once (statistics, ranges, fidelity): a
+    one-shot iterator is turned into a list.
     """
 
     scheme: str = "w8a8"
@@ -35,7 +54,14 @@ class QuantConfig:
     quantize_outputs: bool = False
     histogram_bins: int = 2048
     overrides: Mapping[str, Any] = field(default_factory=dict)
-    target_sqnr_db: float | None = None
+    smoothquant: bool = True
+    smoothquant_alpha: float | str = "auto"
+    target_sqnr_db: float | None = DEFAULT_TARGET_SQNR_DB
+    fidelity_fn: Callable[[Callable[..., Any]], float] | None = field(default=None, compare=False, repr=False)
+    fidelity_tolerance: float = 0.01
+    fidelity_batches: int = 2
+    plan_schemes: tuple[str, ...] | None = None
+    sensitivity: bool = False
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -53,6 +79,22 @@ class QuantConfig:
             )
         if self.group_size not in (32, 64, 128, 256):
             raise QuantConfigError(f"QuantConfig.group_size must be 32, 64, 128 or 256; got {self.group_size}")
+        alpha = self.smoothquant_alpha
+        if alpha != "auto" and not (isinstance(alpha, (int, float)) and 0.0 <= float(alpha) <= 1.0):
+            raise QuantConfigError(f"QuantConfig.smoothquant_alpha must be in [0, 1] or 'auto'; got {alpha!r}")
+        if self.target_sqnr_db is not None and not isinstance(self.target_sqnr_db, (int, float)):
+            raise QuantConfigError(f"QuantConfig.target_sqnr_db must be a number of dB or None; got {self.target_sqnr_db!r}")
+        if self.fidelity_fn is not None and not callable(self.fidelity_fn):
+            raise QuantConfigError("QuantConfig.fidelity_fn must be callable: fidelity_fn(model) -> float")
+        if self.fidelity_tolerance < 0:
+            raise QuantConfigError(f"QuantConfig.fidelity_tolerance must be >= 0; got {self.fidelity_tolerance}")
+        if self.fidelity_batches < 1:
+            raise QuantConfigError(f"QuantConfig.fidelity_batches must be >= 1; got {self.fidelity_batches}")
+        if self.plan_schemes is not None:
+            object.__setattr__(self, "plan_schemes", tuple(self.plan_schemes))
+            bad = [s for s in self.plan_schemes if s not in SCHEMES]
+            if bad:
+                raise QuantConfigError(f"QuantConfig.plan_schemes: unknown scheme(s) {bad}; known: {', '.join(SCHEMES)}")
         for pattern, value in self.overrides.items():
             self._override_config(pattern, value)  # validates eagerly
 
@@ -81,6 +123,18 @@ class QuantConfig:
                 cfg = self._override_config(pattern, value)
         return cfg
 
+    def pins(self, name: str) -> bool:
+        """Whether an override fixes this layer's scheme (the automatic plan leaves it alone)."""
+        for pattern, value in self.overrides.items():
+            if fnmatch.fnmatchcase(name, pattern) and (isinstance(value, str) or "scheme" in value):
+                return True
+        return False
+
+    @property
+    def plans_automatically(self) -> bool:
+        """Whether a fidelity target is set, so compile searches a mixed-precision plan."""
+        return self.fidelity_fn is not None or self.target_sqnr_db is not None
+
     def layer_spec(self, name: str) -> LayerSpec:
         cfg = self.for_layer(name)
         spec = scheme_spec(
@@ -94,8 +148,10 @@ class QuantConfig:
         return spec
 
     def to_json(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        """JSON-serialisable fields (``fidelity_fn`` is code, not data: it is not kept)."""
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "fidelity_fn"}
         d["overrides"] = dict(self.overrides)
+        d["plan_schemes"] = list(self.plan_schemes) if self.plan_schemes is not None else None
         return d
 
     @classmethod

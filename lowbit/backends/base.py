@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,6 +18,8 @@ class Backend(Protocol):
     name: str
     #: the precision schemes it runs (a plan asking for another one is refused, naming the layer)
     schemes: frozenset[str]
+    #: relative cost per multiply-accumulate of each scheme it runs (the planner's cost model; 1.0 = w8a8)
+    scheme_costs: Mapping[str, float]
     #: the pip extra that installs its runtime, for the "not installed" error
     extra: str | None
 

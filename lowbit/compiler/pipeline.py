@@ -12,11 +12,19 @@ from lowbit.backends.registry import get_backend
 from lowbit.compiler.capture import capture
 from lowbit.compiler.instruments import DumpInstrument, TimingInstrument, VerifyInstrument
 from lowbit.compiler.pass_manager import Pass, PassContext, PassManager, PassRecord
+from lowbit.compiler.planner import CPU_SCHEME_COSTS, PlanPrecision
 from lowbit.config import QuantConfig
 from lowbit.passes import (
-    Annotate, Calibrate, Canonicalize, FoldConvBatchNorm, FuseActivation, FuseLinearBias, InsertObservers,
+    Annotate,
+    Calibrate,
+    Canonicalize,
+    FoldConvBatchNorm,
+    FuseActivation,
+    FuseLinearBias,
+    InsertObservers,
     LowerQDQ,
 )
+from lowbit.passes.smooth_quant import SmoothQuant, reiterable
 from lowbit.runtime.model import CompiledModel
 from lowbit.runtime.report import Report
 from lowbit.runtime.signature import Signature
@@ -29,9 +37,11 @@ def default_passes() -> list[Pass]:
         FoldConvBatchNorm(),  # BN disappears into conv/linear weights before quantization sees them
         FuseLinearBias(),  # matmul + add -> linear: the bias rides in the integer accumulator
         FuseActivation(),  # conv/linear + relu groups: an output quantizer goes after the relu
-        Annotate(),  # QuantConfig / plan -> one frozen LayerSpec per layer; policy ends here
+        SmoothQuant(),  # move activation outliers into the weights (exact in float) before ranges are taken
+        Annotate(),  # QuantConfig / plan -> one frozen LayerSpec per layer: the policy
         InsertObservers(),  # where static activation ranges are measured (shared by Q/K/V)
         Calibrate(),  # stream calibration batches through the graph (or load stored qparams)
+        PlanPrecision(),  # with a fidelity target: promote the layers quantization hurts most, cheapest first
         LowerQDQ(),  # observers and weight specs -> quantize/dequantize ops and int8 weights
     ]
 
@@ -55,6 +65,8 @@ def compile_model(
     backend = get_backend(target)
     backend.check_available()
     config = config or QuantConfig()
+    if calibration is not None and (config.smoothquant or config.plans_automatically or config.sensitivity):
+        calibration = reiterable(calibration)  # read more than once: a one-shot iterator becomes a list
     captured = capture(model, example_inputs, dynamic_shapes, dim_bounds)
     with torch.no_grad():
         example_out = model(*captured.args, **captured.kwargs)
@@ -64,6 +76,7 @@ def compile_model(
                       input_names=captured.input_names, example=(captured.args, captured.kwargs),
                       qparams=qparams, progress=progress)
     ctx.notes.update(signature=signature, target=target, supported_schemes=backend.schemes,
+                     scheme_costs=getattr(backend, "scheme_costs", CPU_SCHEME_COSTS),
                      quantize_conv_outputs=getattr(backend, "quantize_conv_outputs", False))
     instruments: list[Any] = [VerifyInstrument(), TimingInstrument()]
     dump = dump_dir or os.environ.get("LOWBIT_DUMP_DIR")
@@ -72,15 +85,33 @@ def compile_model(
     manager = PassManager(default_passes() + backend.lowering_passes(options), instruments)
     gm = manager.run(captured.gm, ctx)
     ctx.notes["report"] = build_report(target, ctx, manager.records)
+    sensitivity = ctx.notes.get("sensitivity")
+    if sensitivity is not None and dump:
+        sensitivity.write(dump)  # sensitivity.json and the bar chart sensitivity.png
     return backend.build(gm, ctx, captured, options)
 
 
 def build_report(target: str, ctx: PassContext, records: list[PassRecord]) -> Report:
     layers = []
+    smooth = ctx.notes.get("smooth_quant", {})
     for name, spec in (ctx.plan.layers.items() if ctx.plan else []):
         row = {"layer": name, "scheme": spec.scheme}
         row.update(ctx.notes.get("layers", {}).get(name, {}))
+        if name in smooth:
+            sq = smooth[name]
+            alpha = sq["alpha"]
+            alpha = f"{alpha:g}" if isinstance(alpha, (int, float)) else str(alpha)
+            row["smoothquant"] = "-" if sq["alpha"] is None else f"a={alpha} {sq['folded_into'].split()[0]}"
         layers.append(row)
     passes = [{"pass": r.name, "seconds": r.seconds, "nodes_before": r.nodes_before,
                "nodes_after": r.nodes_after, "stats": dict(r.stats)} for r in records]
-    return Report(target, layers, passes)
+    report = Report(target, layers, passes)
+    if smooth:
+        report.sections["smooth_quant"] = smooth
+    if "plan_search" in ctx.notes:
+        report.sections["plan"] = ctx.notes["plan_search"]
+    if "sensitivity" in ctx.notes:
+        report.sections["sensitivity"] = ctx.notes["sensitivity"].to_json()
+    if ctx.notes.get("warnings"):
+        report.sections["warnings"] = list(ctx.notes["warnings"])
+    return report

@@ -8,8 +8,9 @@ from lowbit.passes.fuse_activation import FuseActivation
 from lowbit.passes.fuse_linear_bias import FuseLinearBias
 from lowbit.passes.insert_observers import InsertObservers
 from lowbit.passes.lower_qdq import LowerQDQ
+from lowbit.passes.smooth_quant import SmoothQuant
 
 __all__ = [
     "Annotate", "Calibrate", "Canonicalize", "FoldConvBatchNorm", "FuseActivation", "FuseLinearBias",
-    "InsertObservers", "LowerQDQ",
+    "InsertObservers", "LowerQDQ", "SmoothQuant",
 ]

@@ -1,7 +1,12 @@
 """Annotate: write one frozen LayerSpec per quantizable layer from the QuantConfig or the plan.
 
-Policy lives only here. Every later pass reads ``node.meta[SPEC]``; none consults the config again.
+Policy lives only here. Every later pass reads ``node.meta[SPEC]``; none consults the config again,
+except ``plan_precision`` (``lowbit/compiler/planner.py``), which, when the config sets a fidelity target,
+promotes layers from the specs written here to more accurate ones once calibration has measured them.
 The resulting full plan (every layer, including the ones left in float) is stored in ``ctx.plan``.
+
+A plan entry the target cannot run -- a layer the model lacks, a scheme the engine does not run, a group
+size that does not divide the layer -- raises PlanError naming the entry.
 """
 
 from __future__ import annotations
@@ -31,6 +36,25 @@ def check_spec_fits(spec: LayerSpec, op: str, weight_shape: tuple[int, ...]) -> 
     return None
 
 
+def layer_problem(spec: LayerSpec, op: str, weight_shape: tuple[int, ...], ctx: PassContext) -> str | None:
+    """Why this spec cannot run on this layer on the compile target, or None if it can."""
+    why = check_spec_fits(spec, op, weight_shape) if weight_shape else None
+    supported = ctx.notes.get("supported_schemes")
+    if why is None and supported is not None and spec.scheme not in supported:
+        why = f"scheme {spec.scheme!r} is not supported by target {ctx.notes.get('target')!r} " \
+              f"(it runs {', '.join(sorted(supported))})"
+    return why
+
+
+def engine_spec(spec: LayerSpec, op: str, ctx: PassContext) -> LayerSpec:
+    """The spec adjusted to what the target's engine needs to run it as integer kernels."""
+    if (ctx.notes.get("quantize_conv_outputs") and op.startswith("conv") and spec.scheme == "w8a8"
+            and spec.output is None):
+        # the engine runs a conv as integer only with a quantized output (ORT's QLinearConv)
+        spec = LayerSpec(spec.scheme, spec.weight, spec.activation, output=spec.activation)
+    return spec
+
+
 class Annotate(Pass):
     name = "annotate"
 
@@ -46,7 +70,7 @@ class Annotate(Pass):
                     f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}; layers are: "
                     + ", ".join(list(layers)[:12]) + (" ..." if len(layers) > 12 else "")
                 )
-        supported = ctx.notes.get("supported_schemes")
+        ctx.notes["user_plan"] = plan is not None  # a given plan is final: plan_precision leaves it alone
         full: dict[str, LayerSpec] = {}
         counts: dict[str, int] = {}
         for name, node in layers.items():
@@ -54,17 +78,12 @@ class Annotate(Pass):
             spec = plan.layers[name] if from_plan else config.layer_spec(name)
             op = QUANTIZABLE[node.target]
             weight = attr_tensor(gm, node.args[1])
-            why = check_spec_fits(spec, op, tuple(weight.shape)) if weight is not None else None
-            if why is None and supported is not None and spec.scheme not in supported:
-                why = f"scheme {spec.scheme!r} is not supported by target {ctx.notes.get('target')!r} " \
-                      f"(it runs {', '.join(sorted(supported))})"
+            why = spec.inconsistency() if from_plan else None
+            why = why or layer_problem(spec, op, tuple(weight.shape) if weight is not None else (), ctx)
             if why is not None:
                 err = PlanError if from_plan else QuantConfigError
                 raise err(f"{'plan entry' if from_plan else 'layer'} {name!r}: {why}")
-            if (ctx.notes.get("quantize_conv_outputs") and op.startswith("conv") and spec.scheme == "w8a8"
-                    and spec.output is None):
-                # the engine runs a conv as integer only with a quantized output (ORT's QLinearConv)
-                spec = LayerSpec(spec.scheme, spec.weight, spec.activation, output=spec.activation)
+            spec = engine_spec(spec, op, ctx)
             node.meta[meta.SPEC] = spec
             full[name] = spec
             counts[spec.scheme] = counts.get(spec.scheme, 0) + 1

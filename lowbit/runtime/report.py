@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 COLUMNS = [
-    ("layer", "layer"), ("op", "op"), ("scheme", "scheme"), ("weight_granularity", "weights"),
+    ("layer", "layer"), ("op", "op"), ("scheme", "scheme"), ("smoothquant", "smooth"), ("weight_granularity", "weights"),
     ("weight_sqnr_db", "w SQNR dB"), ("input_scale", "in scale"), ("input_zero_point", "in zp"),
     ("kernel", "engine kernel"), ("int8", "int8"),
 ]
@@ -51,6 +51,12 @@ class Report:
 
     def __str__(self) -> str:
         parts = [self.summary(), self.table()]
+        plan = self.sections.get("plan")
+        if plan:
+            parts.append(f"\nplan: {plan['metric']} {_fmt(plan['fidelity'])} (target {_fmt(plan['target'])}; "
+                         f"all at the start scheme {_fmt(plan['start_fidelity'])}), relative cost "
+                         f"{plan['relative_cost']:.3f} (start {plan['start_cost']:.3f}), "
+                         f"{plan['evaluations']} evaluations")
         engine = self.sections.get("engine")
         if engine:
             parts.append(f"\n{engine['engine']}: {engine['int8_share']:.1%} of the quantized layers' "

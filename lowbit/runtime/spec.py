@@ -99,12 +99,16 @@ class LayerSpec:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], where: str = "") -> LayerSpec:
+        """An entry of a plan. A bare ``{"scheme": "w8a16"}`` (optionally with ``"group_size"`` for w4a16)
+        takes the scheme's default specs; an entry whose specs contradict its scheme is refused."""
         if not isinstance(d, Mapping) or "scheme" not in d:
             raise PlanError(f"plan entry {where!r}: expected an object with a 'scheme', got {d!r}")
         if d["scheme"] not in SCHEMES:
             raise PlanError(f"plan entry {where!r}: unknown scheme {d['scheme']!r}; known: {', '.join(SCHEMES)}")
         try:
-            return cls(
+            if not any(k in d for k in ("weight", "activation", "output")):
+                return scheme_spec(d["scheme"], group_size=int(d.get("group_size", 128)))
+            spec = cls(
                 scheme=d["scheme"],
                 weight=QuantSpec.from_json(d["weight"]) if d.get("weight") else None,
                 activation=QuantSpec.from_json(d["activation"]) if d.get("activation") else None,
@@ -112,6 +116,27 @@ class LayerSpec:
             )
         except (TypeError, ValueError) as e:
             raise PlanError(f"plan entry {where!r}: {e}") from e
+        why = spec.inconsistency()
+        if why:
+            raise PlanError(f"plan entry {where!r}: {why}")
+        return spec
+
+    def inconsistency(self) -> str | None:
+        """Why the weight/activation specs do not match the scheme name, or None."""
+        w, a = self.weight, self.activation
+        if self.scheme == "float":
+            return None if w is None and a is None else "scheme 'float' quantizes nothing, but the entry gives specs"
+        if w is None:
+            return f"scheme {self.scheme!r} quantizes the weight, but the entry has no 'weight' spec"
+        if self.scheme in ("w8a16", "w4a16") and a is not None:
+            return f"scheme {self.scheme!r} is weight-only, but the entry gives an 'activation' spec"
+        if self.scheme == "w4a16" and w.bits != 4:
+            return f"scheme 'w4a16' needs a 4-bit weight spec, the entry gives {w.dtype}"
+        if self.scheme == "w8a8" and (a is None or a.dynamic):
+            return "scheme 'w8a8' needs a static 'activation' spec (dynamic per token is 'w8a8_dynamic')"
+        if self.scheme == "w8a8_dynamic" and (a is None or not a.dynamic):
+            return "scheme 'w8a8_dynamic' needs a dynamic per-token 'activation' spec"
+        return None
 
 
 def scheme_spec(

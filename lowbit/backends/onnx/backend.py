@@ -29,6 +29,9 @@ class OnnxBackend:
     extra: str | None = None
     #: static W8A8 runs as integer kernels; weight-only W8A16 as DQ-only weights; float carries no Q/DQ
     schemes = frozenset({"w8a8", "w8a16", "float"})
+    #: relative cost per MAC (planner). Estimates for x86 VNNI CPUs, to be replaced by measured ones: int8
+    #: MatMul ~2x fp32; W8A16 is DQ(weight) -> fp32 MatMul, a little slower than float
+    scheme_costs = {"w8a8": 1.0, "float": 2.0, "w8a16": 2.2}
 
     def check_available(self) -> None:
         if importlib.util.find_spec(self.module) is None:

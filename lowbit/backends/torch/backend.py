@@ -28,6 +28,9 @@ from lowbit.runtime.spec import SCHEMES, Plan
 class TorchBackend:
     name = "torch"
     schemes = frozenset(SCHEMES)
+    #: relative cost per MAC (planner): the CPU table (compile=True runs int8 layers on oneDNN; eager
+    #: fake-quant is a reference, not a speed). Estimates, to be replaced by measured ones.
+    scheme_costs = {"w8a8": 1.0, "w8a8_dynamic": 1.15, "float": 2.0, "w8a16": 2.2, "w4a16": 2.5}
     extra = None
 
     def check_available(self) -> None:

@@ -1,0 +1,438 @@
+"""Per-layer sensitivity: what quantizing each layer costs the model's outputs, measured without recompiling.
+
+**The probe.** A copy of the calibrated graph (observers calibrated, weights still float) in which every
+quantizable layer reads its weight and its input through a switch module. A switch hands the layer the
+float tensor or its fake-quantized version under one *option*:
+
+==============  ============================================================================
+option          the layer sees
+==============  ============================================================================
+``w8a8``        the input fake-quantized with its calibrated static scale, int8 weights
+``w8a8_dynamic``  the input fake-quantized per token (symmetric int8), int8 weights
+``w8a16``       float input, int8 weights
+``w4a16/gN``    float input, int4 weights in groups of N input channels
+``float``       float input, float weights
+==============  ============================================================================
+
+Dequantized weights are computed once per (layer, option) with the qparam oracle of
+``lowbit.runtime.qparams`` and cached, so toggling a layer is setting an attribute: no recompile, no
+recalibration. Output quantizers (``LayerSpec.output``) follow their layer's option.
+
+**Fidelity.** ``SqnrFidelity``: the SQNR (dB) of all floating-point model outputs together against the
+float model (the same graph with every layer on ``float``), on a few calibration batches; or
+``FunctionFidelity``: a user ``fn(model) -> float`` (higher is better) whose target is its float value
+minus a tolerance. Both are measured on calibration data, so they are a little optimistic.
+
+**Sensitivity.** For each layer: the gain when only that layer is left in float while all others are
+quantized (``float_gain``, relative to all-quantized: what the planner ranks by), and, with
+``full=True``, the fidelity with only that layer quantized (``alone``). ``n + 1`` evaluations for ``n``
+layers (``2 n + 1`` in full); ``Sensitivity.write`` puts ``sensitivity.json`` and a bar chart
+``sensitivity.png`` into a directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from lowbit.compiler import meta
+from lowbit.compiler.graph import QUANTIZABLE, attr_tensor
+from lowbit.config import QuantConfig
+from lowbit.runtime.observers import Observer
+from lowbit.runtime.qparams import PER_TOKEN_EPS, dequantize_weight, quantize_weight
+from lowbit.runtime.spec import LayerSpec, QuantSpec, scheme_spec
+
+FLOAT = "float"
+
+
+# --------------------------------------------------------------------------------------------------
+# Options: a scheme plus, for W4, its group size ("w4a16/g64")
+# --------------------------------------------------------------------------------------------------
+
+
+def option_of(spec: LayerSpec) -> str:
+    """The option name of a LayerSpec: its scheme, with the group size for w4a16."""
+    if spec.scheme == "w4a16" and spec.weight is not None:
+        return f"w4a16/g{spec.weight.group_size}"
+    return spec.scheme
+
+
+def scheme_of(option: str) -> str:
+    return option.split("/", 1)[0]
+
+
+def option_spec(option: str, config: QuantConfig) -> LayerSpec:
+    """The LayerSpec an option stands for, with the layer config's weight and activation settings."""
+    scheme, _, group = option.partition("/g")
+    return scheme_spec(
+        scheme,
+        weight_granularity=config.weight_granularity,
+        group_size=int(group) if group else config.group_size,
+        activation_symmetric=config.activation_symmetric,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Switch modules
+# --------------------------------------------------------------------------------------------------
+
+
+class WeightSwitch(nn.Module):
+    """Returns a layer's weight: float, or dequantized under the current option (cached per option)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.float_weight = weight.detach()
+        self.cache: dict[str, torch.Tensor] = {}
+        self.current: torch.Tensor = self.float_weight
+
+    def select(self, option: str, spec: QuantSpec | None) -> None:
+        if spec is None:
+            self.current = self.float_weight
+            return
+        if option not in self.cache:
+            q, scale, zp = quantize_weight(self.float_weight, spec)
+            self.cache[option] = dequantize_weight(q, scale, zp, spec).to(self.float_weight.dtype)
+        self.current = self.cache[option]
+
+    def forward(self) -> torch.Tensor:
+        return self.current
+
+
+class ActivationSwitch(nn.Module):
+    """Passes an activation through, or fake-quantizes it: static per tensor (calibrated) or per token."""
+
+    def __init__(self, static: tuple[float, int, QuantSpec] | None) -> None:
+        super().__init__()
+        self.static = static  # (scale, zero_point, spec) from the calibrated observer, if there was one
+        self.mode = FLOAT  # FLOAT | "static" | "token"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "static" and self.static is not None:
+            scale, zp, spec = self.static
+            return torch.fake_quantize_per_tensor_affine(x, scale, zp, spec.qmin, spec.qmax)
+        if self.mode == "token":
+            # quantized_decomposed's per-token convention: symmetric int8, scale = max(absmax, 1e-5) / 127
+            scale = x.detach().abs().amax(dim=-1, keepdim=True).clamp(min=PER_TOKEN_EPS) / 127.0
+            return torch.clamp(torch.round(x / scale), -128, 127) * scale
+        return x
+
+
+# --------------------------------------------------------------------------------------------------
+# The probe
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProbeLayer:
+    name: str
+    op: str
+    spec: LayerSpec  # as annotated
+    weight: WeightSwitch
+    input: ActivationSwitch
+    outputs: list[ActivationSwitch] = field(default_factory=list)
+    option: str = FLOAT
+
+    @property
+    def observed(self) -> bool:
+        """Whether calibration measured this layer's input range (static w8a8 is possible)."""
+        return self.input.static is not None
+
+
+class Probe:
+    """The calibrated graph with a switch on every layer's weight and input; ``set`` chooses options."""
+
+    def __init__(self, gm: fx.GraphModule, config: QuantConfig) -> None:
+        self.config = config
+        graph = fx.Graph()
+        out = graph.graph_copy(gm.graph, {})
+        graph.output(out)
+        self.gm = fx.GraphModule(gm, graph)  # shares gm's weights and observers; owns its graph
+        self.layers: dict[str, ProbeLayer] = {}
+        self._build()
+
+    def _observer(self, node: fx.Node) -> Observer | None:
+        if node.op == "call_module":
+            mod = self.gm.get_submodule(str(node.target))
+            if isinstance(mod, Observer):
+                return mod
+        return None
+
+    def _add(self, prefix: str, module: nn.Module, args: tuple[Any, ...], before: fx.Node) -> fx.Node:
+        name = f"{prefix}_{len(self.gm._modules)}"
+        self.gm.add_submodule(name, module)
+        with self.gm.graph.inserting_before(before):
+            return self.gm.graph.call_module(name, args)
+
+    def _build(self) -> None:
+        graph = self.gm.graph
+        qparams: dict[int, tuple[float, int]] = {}
+        for node in [n for n in graph.nodes if meta.SPEC in n.meta]:
+            name, spec = node.meta[meta.LAYER], node.meta[meta.SPEC]
+            w = attr_tensor(self.gm, node.args[1])
+            assert w is not None, f"layer {name}: weight is not a constant"
+            wsw = WeightSwitch(w)
+            w_node = self._add("lowbit_probe_w", wsw, (), node)
+            w_node.meta["val"] = w  # layer_macs reads the weight's shape here
+            node.replace_input_with(node.args[1], w_node)
+            x = node.args[0]
+            obs = self._observer(x) if isinstance(x, fx.Node) else None
+            static = None
+            if obs is not None:
+                if id(obs) not in qparams:
+                    qparams[id(obs)] = obs.calculate_qparams()
+                static = (*qparams[id(obs)], obs.spec)
+                x = x.args[0]
+            asw = ActivationSwitch(static)
+            node.replace_input_with(node.args[0], self._add("lowbit_probe_in", asw, (x,), node))
+            self.layers[name] = ProbeLayer(name, QUANTIZABLE[node.target], spec, wsw, asw)
+        # what is left of the observers: output observers (follow their layer) or nothing
+        for node in list(graph.nodes):
+            obs = self._observer(node)
+            if obs is None:
+                continue
+            outs = [o.rsplit(":", 1)[0] for o in node.meta.get(meta.OBSERVES, []) if o.endswith(":output")]
+            if node.users and outs and outs[0] in self.layers:
+                qp = qparams.setdefault(id(obs), obs.calculate_qparams())
+                sw = ActivationSwitch((*qp, obs.spec))
+                self.layers[outs[0]].outputs.append(sw)
+                node.replace_all_uses_with(self._add("lowbit_probe_out", sw, (node.args[0],), node))
+            else:
+                node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        graph.lint()
+        self.gm.recompile()
+
+    def set(self, options: Mapping[str, str]) -> None:
+        """Put every layer on its option (layers not named go float)."""
+        for name, layer in self.layers.items():
+            option = options.get(name, FLOAT)
+            if option == layer.option:
+                continue
+            if option == FLOAT:
+                spec = LayerSpec(FLOAT)
+            elif option == option_of(layer.spec):
+                spec = layer.spec  # exactly what annotate decided
+            else:
+                spec = option_spec(option, self.config.for_layer(name))
+            act = spec.activation
+            if act is not None and not act.dynamic and not layer.observed:
+                raise ValueError(f"layer {name!r}: static activations need a calibrated input range")
+            layer.weight.select(option, spec.weight)
+            layer.input.mode = FLOAT if act is None else ("token" if act.dynamic else "static")
+            for sw in layer.outputs:
+                sw.mode = "static" if spec.output is not None else FLOAT
+            layer.option = option
+
+    def __call__(self, *flat: torch.Tensor) -> list[torch.Tensor]:
+        with torch.no_grad():
+            out = self.gm(*flat)
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+# --------------------------------------------------------------------------------------------------
+# Fidelity: one number, higher is better, with a target
+# --------------------------------------------------------------------------------------------------
+
+
+def _float_outputs(outs: Sequence[Any]) -> list[torch.Tensor]:
+    return [o for o in outs if isinstance(o, torch.Tensor) and o.is_floating_point()]
+
+
+class SqnrFidelity:
+    """SQNR (dB) of the model's floating-point outputs, all together, against the float model."""
+
+    unit = "dB"
+    metric = "sqnr_db"
+
+    def __init__(self, probe: Probe, batches: Sequence[list[torch.Tensor]], target: float) -> None:
+        self.batches = list(batches)
+        self.target = float(target)
+        saved = {k: v.option for k, v in probe.layers.items()}
+        probe.set({})
+        self.reference = [[t.detach().double() for t in _float_outputs(probe(*b))] for b in self.batches]
+        self.float_value = math.inf
+        probe.set(saved)
+
+    def __call__(self, probe: Probe) -> float:
+        signal = noise = 0.0
+        for flat, ref in zip(self.batches, self.reference, strict=True):
+            for r, t in zip(ref, _float_outputs(probe(*flat)), strict=True):
+                signal += float(r.pow(2).sum())
+                noise += float((r - t.double()).pow(2).sum())
+        if noise == 0.0:
+            return math.inf
+        if signal == 0.0:
+            return -math.inf
+        return 10.0 * math.log10(signal / noise)
+
+
+class FunctionFidelity:
+    """A user metric ``fn(model) -> float`` (higher is better); the target is its float value - tolerance.
+
+    ``model`` is called like the original model (positional or keyword inputs) and returns its outputs
+    in the original structure, as a CompiledModel does.
+    """
+
+    unit = ""
+    metric = "fidelity_fn"
+
+    def __init__(self, probe: Probe, fn: Callable[[Callable[..., Any]], float], tolerance: float,
+                 signature: Any) -> None:
+        self.fn = fn
+        self.signature = signature
+        saved = {k: v.option for k, v in probe.layers.items()}
+        probe.set({})
+        self.float_value = float(self(probe))
+        probe.set(saved)
+        self.target = self.float_value - tolerance
+
+    def __call__(self, probe: Probe) -> float:
+        def model(*args: Any, **kwargs: Any) -> Any:
+            return self.signature.unflatten(probe(*self.signature.flatten_call(args, kwargs)))
+
+        with torch.no_grad():
+            return float(self.fn(model))
+
+
+Fidelity = SqnrFidelity | FunctionFidelity
+
+
+# --------------------------------------------------------------------------------------------------
+# Sensitivity analysis
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    layer: str
+    option: str  # the quantized option measured (the layer's option in the all-quantized plan)
+    macs: int
+    float_gain: float  # fidelity(all quantized but this layer) - fidelity(all quantized)
+    alone: float | None = None  # fidelity with only this layer quantized, all others float (full analysis)
+
+
+@dataclass
+class Sensitivity:
+    metric: str
+    unit: str
+    all_quantized: float
+    float_value: float
+    layers: list[LayerSensitivity]  # most sensitive (largest float_gain) first
+    evaluations: int = 0
+
+    def gains(self) -> dict[str, float]:
+        return {r.layer: r.float_gain for r in self.layers}
+
+    def table(self) -> str:
+        head = f"{'layer':<44} {'option':<12} {'float gain':>10} {'alone':>9} {'MACs':>12}"
+        lines = [head, "-" * len(head)]
+        for r in self.layers:
+            alone = "-" if r.alone is None else _fmt(r.alone)
+            lines.append(f"{r.layer:<44} {r.option:<12} {_fmt(r.float_gain):>10} {alone:>9} {r.macs:>12}")
+        lines.append(f"all quantized: {_fmt(self.all_quantized)} {self.unit} ({self.metric})")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def to_json(self) -> dict[str, Any]:
+        return _clean({"metric": self.metric, "unit": self.unit, "all_quantized": self.all_quantized,
+                       "float_value": self.float_value, "evaluations": self.evaluations,
+                       "layers": [asdict(r) for r in self.layers]})
+
+    def write(self, directory: str | Path) -> list[Path]:
+        """``sensitivity.json`` and the bar chart ``sensitivity.png`` (when matplotlib is installed)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "sensitivity.json").write_text(json.dumps(self.to_json(), indent=2))
+        written = [d / "sensitivity.json"]
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return written
+        names = [r.layer for r in self.layers]
+        n = len(names)
+        full = all(r.alone is not None for r in self.layers)
+        fig, axes = plt.subplots(1, 2 if full else 1, figsize=(13 if full else 8, 1.6 + 0.28 * n), sharey=True,
+                                 squeeze=False)
+        y = range(n)
+        ax1 = axes[0][0]
+        ax1.barh(y, [_finite(r.float_gain) for r in self.layers], color="tab:red")
+        ax1.set_title(f"gain when only this layer stays float ({self.unit or self.metric})")
+        if full:
+            ax2 = axes[0][1]
+            ax2.barh(y, [_finite(r.alone or 0.0) for r in self.layers], color="tab:blue")
+            ax2.set_title(f"fidelity with only this layer quantized ({self.unit or self.metric})")
+        ax1.set_yticks(list(y), names, fontsize=7)
+        ax1.invert_yaxis()
+        for ax in axes[0]:
+            ax.grid(axis="x", alpha=0.3)
+        fig.suptitle(f"lowbit sensitivity: all quantized = {_fmt(self.all_quantized)} {self.unit}")
+        fig.tight_layout()
+        fig.savefig(d / "sensitivity.png", dpi=110)
+        plt.close(fig)
+        return [*written, d / "sensitivity.png"]
+
+
+def analyze(probe: Probe, quantized: Mapping[str, str], fidelity: Fidelity, macs: Mapping[str, int] | None = None,
+            *, layers: Iterable[str] | None = None, full: bool = True, base: float | None = None,
+            progress: bool = True) -> Sensitivity:
+    """Sensitivity of ``layers`` (default: every layer quantized in ``quantized``, a layer -> option map
+    of the all-quantized plan). ``base``: fidelity(quantized) if already measured. Leaves the probe on
+    ``quantized``."""
+    names = [k for k in (layers if layers is not None else quantized) if quantized.get(k, FLOAT) != FLOAT]
+    evaluations = 0
+    if base is None:
+        probe.set(quantized)
+        base = fidelity(probe)
+        evaluations += 1
+    rows = []
+    for name in tqdm(names, desc="lowbit sensitivity", unit="layer", disable=None if progress else True, leave=False):
+        alone = None
+        if full:
+            probe.set({name: quantized[name]})
+            alone = fidelity(probe)
+        probe.set({**quantized, name: FLOAT})
+        without = fidelity(probe)
+        evaluations += 1 + int(full)
+        rows.append(LayerSensitivity(name, quantized[name], int((macs or {}).get(name, 0)), _gain(without, base),
+                                     alone))
+    probe.set(quantized)
+    rows.sort(key=lambda r: (-_finite(r.float_gain), _finite(r.alone if r.alone is not None else 0.0)))
+    return Sensitivity(fidelity.metric, fidelity.unit, base, fidelity.float_value, rows, evaluations)
+
+
+def _gain(after: float, before: float) -> float:
+    if math.isinf(after) and math.isinf(before) and after == before:
+        return 0.0
+    return after - before
+
+
+def _finite(v: float, cap: float = 1e3) -> float:
+    return max(-cap, min(cap, v)) if not math.isnan(v) else 0.0
+
+
+def _fmt(v: float) -> str:
+    return "inf" if math.isinf(v) and v > 0 else f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}"
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and (math.isinf(v) or math.isnan(v)):
+        return str(v)
+    if isinstance(v, Mapping):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v

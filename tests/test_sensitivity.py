@@ -1,0 +1,107 @@
+"""Sensitivity: the probe toggles layers without recompiling; a planted-outlier layer ranks first."""
+
+import json
+
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.compiler.sensitivity import Probe, SqnrFidelity, analyze
+from lowbit.config import QuantConfig
+from lowbit.passes import Annotate, Calibrate, Canonicalize, FuseActivation, FuseLinearBias, InsertObservers
+from lowbit.runtime.qparams import sqnr
+
+from helpers import run_passes
+
+
+class Outlier(nn.Module):
+    """Three linears; the input of ``mid`` has one channel 200x the others (a planted outlier), so a
+    per-tensor int8 scale leaves the rest of ``mid``'s input a handful of levels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.mid, self.last = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+        with torch.no_grad():
+            self.first.weight[0] *= 200.0
+            self.first.bias[0] = 0.0
+            self.mid.weight[:, 0] /= 200.0  # the function stays moderate; only mid's input range explodes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(torch.relu(self.mid(torch.relu(self.first(x)))))
+
+
+def data(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 16, generator=g),) for _ in range(n)]
+
+
+def calibrated(model, cal):
+    cfg = QuantConfig(smoothquant=False, target_sqnr_db=None)
+    gm, _, ctx = run_passes(model, cal[0], [Canonicalize(), FuseLinearBias(), FuseActivation(), Annotate(),
+                                            InsertObservers(), Calibrate()], config=cfg, calibration=cal)
+    return gm, ctx, cfg
+
+
+def test_probe_toggles_layers_and_matches_the_lowered_model():
+    torch.manual_seed(0)
+    model = Outlier().eval()
+    cal = data(4)
+    gm, ctx, cfg = calibrated(model, cal)
+    probe = Probe(gm, cfg)
+    x = cal[0][0]
+    probe.set({})
+    assert torch.allclose(probe(x)[0], model(x), atol=1e-5)  # all float: the float model
+    probe.set({"first": "w8a8", "mid": "w8a8", "last": "w8a8"})
+    compiled = lowbit.compile(model, cal[0], calibration=cal, progress=False,
+                              config=QuantConfig(smoothquant=False, target_sqnr_db=None))
+    assert sqnr(compiled(x), probe(x)[0]) > 40.0  # fake-quant probe ~ the lowered Q/DQ graph
+    probe.set({"mid": "w8a8_dynamic"})
+    assert probe.layers["mid"].input.mode == "token" and probe.layers["first"].option == "float"
+
+
+def test_planted_outlier_layer_is_the_most_sensitive():
+    torch.manual_seed(0)
+    model = Outlier().eval()
+    cal = data(4)
+    gm, ctx, cfg = calibrated(model, cal)
+    probe = Probe(gm, cfg)
+    fid = SqnrFidelity(probe, [list(b) for b in cal[:2]], target=0.0)
+    sens = analyze(probe, {"first": "w8a8", "mid": "w8a8", "last": "w8a8"}, fid, {}, progress=False)
+    assert [r.layer for r in sens.layers][0] == "mid"
+    mid = sens.layers[0]
+    assert mid.float_gain > 6.0 and mid.alone < min(r.alone for r in sens.layers[1:])
+    assert sens.evaluations == 7  # all-quantized + 2 per layer
+    assert "mid" in sens.table()
+
+
+def test_sensitivity_in_report_and_dump_dir(tmp_path):
+    torch.manual_seed(0)
+    model = Outlier().eval()
+    cal = data(4)
+    q = lowbit.compile(model, cal[0], calibration=cal, progress=False, dump_dir=tmp_path,
+                       config=QuantConfig(smoothquant=False, target_sqnr_db=None, sensitivity=True))
+    section = q.report.sections["sensitivity"]
+    assert section["layers"][0]["layer"] == "mid" and section["metric"] == "sqnr_db"
+    assert q._plan.counts() == {"w8a8": 3}  # no target: the analysis changes nothing
+    saved = json.loads((tmp_path / "sensitivity.json").read_text())
+    assert saved["layers"][0]["layer"] == "mid"
+    png = (tmp_path / "sensitivity.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_user_metric_drives_the_analysis():
+    torch.manual_seed(0)
+    model = Outlier().eval()
+    cal = data(4)
+    x = cal[1][0]
+    ref = model(x)
+
+    def metric(m):  # higher is better: negative mean squared error on one batch
+        return -float((m(x) - ref).pow(2).mean())
+
+    q = lowbit.compile(model, cal[0], calibration=cal, progress=False,
+                       config=QuantConfig(smoothquant=False, fidelity_fn=metric, fidelity_tolerance=1e9,
+                                          sensitivity=True))
+    section = q.report.sections["sensitivity"]
+    assert section["metric"] == "fidelity_fn" and section["layers"][0]["layer"] == "mid"
+    assert section["float_value"] == 0.0
