@@ -91,6 +91,17 @@ def _weight_dq(g: Graph, node: onnx.NodeProto | None) -> bool:
     return node is not None and node.op_type == "DequantizeLinear" and node.input[0] in g.init
 
 
+def _transposed_weight_dq(g: Graph, dq: onnx.NodeProto, w: np.ndarray, output: str) -> onnx.NodeProto:
+    """A DQ of W^T (a new [K, N] initializer); a per-channel axis 0 becomes axis 1."""
+    scale = g.array(dq.input[1])
+    per_channel = scale is not None and scale.ndim == 1 and scale.size > 1
+    inputs = [g.add_initializer(np.ascontiguousarray(w.T), dq.input[0] + "_t"), *dq.input[1:]]
+    new_dq = helper.make_node("DequantizeLinear", inputs, [output], name=g.unique(dq.name + "_t"))
+    if per_channel:
+        new_dq.attribute.append(helper.make_attribute("axis", 1 - int(_attr(dq, "axis", 1)) % 2))
+    return new_dq
+
+
 def fold_weight_transpose(g: Graph) -> int:
     prod, cons = g.producers(), g.consumers()
     fired = 0
@@ -103,13 +114,7 @@ def fold_weight_transpose(g: Graph) -> int:
             continue
         if len(cons[dq.output[0]]) != 1:
             continue
-        axis = int(_attr(dq, "axis", 1))
-        scale = g.array(dq.input[1])
-        per_channel = scale is not None and scale.ndim == 1 and scale.size > 1
-        new_inputs = [g.add_initializer(np.ascontiguousarray(w.T), dq.input[0] + "_t")] + list(dq.input[1:])
-        new_dq = helper.make_node("DequantizeLinear", new_inputs, [tr.output[0]], name=g.unique(dq.name + "_t"))
-        if per_channel:
-            new_dq.attribute.append(helper.make_attribute("axis", 1 - (axis % 2)))
+        new_dq = _transposed_weight_dq(g, dq, w, tr.output[0])
         idx = list(g.g.node).index(tr)
         g.g.node.remove(tr)
         g.g.node.remove(dq)
@@ -129,14 +134,8 @@ def gemm_to_matmul(g: Graph) -> int:
             continue
         w = g.array(dq.input[0])
         if _attr(gemm, "transB", 0):
-            scale = g.array(dq.input[1])
-            per_channel = scale is not None and scale.ndim == 1 and scale.size > 1
-            t_name = g.add_initializer(np.ascontiguousarray(w.T), dq.input[0] + "_t")
-            dq_out = g.unique(dq.output[0] + "_t")
-            new_dq = helper.make_node("DequantizeLinear", [t_name, *dq.input[1:]], [dq_out], name=g.unique(dq.name + "_t"))
-            if per_channel:
-                new_dq.attribute.append(helper.make_attribute("axis", 1))
-            b_input = dq_out
+            new_dq = _transposed_weight_dq(g, dq, w, g.unique(dq.output[0] + "_t"))
+            b_input = new_dq.output[0]
             extra = [new_dq]
         else:
             b_input, extra = gemm.input[1], []
