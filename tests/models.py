@@ -68,3 +68,18 @@ def bert_batch(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
     mask = torch.ones(batch, seq, dtype=torch.long)
     mask[0, seq // 2:] = 0  # one padded row
     return {"input_ids": ids, "attention_mask": mask}
+
+class ChannelOutlier(nn.Module):
+    """Three linears; ``mid``'s input has one channel 200x the rest (a planted outlier): a per-tensor int8
+    scale leaves the other channels a handful of levels; only a float (or w8a16) ``mid`` fixes that."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.mid, self.last = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+        with torch.no_grad():
+            self.first.weight[0] *= 200.0
+            self.first.bias[0] = 0.0
+            self.mid.weight[:, 0] /= 200.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(torch.relu(self.mid(torch.relu(self.first(x)))))

@@ -13,25 +13,12 @@ from lowbit.compiler.planner import FidelityError, undominated
 from lowbit.config import QuantConfig
 from lowbit.runtime.qparams import sqnr
 
-from models import bert_batch, tiny_bert
+from models import ChannelOutlier, bert_batch, tiny_bert
 
 BERT_DYN = {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}
 needs_ort = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed")
 
 
-class ChannelOutlier(nn.Module):
-    """``mid``'s input has one channel 200x the rest: only a float (or w8a16) ``mid`` fixes that."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.first, self.mid, self.last = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
-        with torch.no_grad():
-            self.first.weight[0] *= 200.0
-            self.first.bias[0] = 0.0
-            self.mid.weight[:, 0] /= 200.0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last(torch.relu(self.mid(torch.relu(self.first(x)))))
 
 
 class MLP(nn.Module):

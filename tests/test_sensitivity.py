@@ -3,7 +3,6 @@
 import json
 
 import torch
-from torch import nn
 
 import lowbit
 from lowbit.compiler.sensitivity import Probe, SqnrFidelity, analyze
@@ -12,22 +11,7 @@ from lowbit.passes import Annotate, Calibrate, Canonicalize, FuseActivation, Fus
 from lowbit.runtime.qparams import sqnr
 
 from helpers import run_passes
-
-
-class Outlier(nn.Module):
-    """Three linears; the input of ``mid`` has one channel 200x the others (a planted outlier), so a
-    per-tensor int8 scale leaves the rest of ``mid``'s input a handful of levels."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.first, self.mid, self.last = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
-        with torch.no_grad():
-            self.first.weight[0] *= 200.0
-            self.first.bias[0] = 0.0
-            self.mid.weight[:, 0] /= 200.0  # the function stays moderate; only mid's input range explodes
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last(torch.relu(self.mid(torch.relu(self.first(x)))))
+from models import ChannelOutlier
 
 
 def data(n, seed=0):
@@ -44,7 +28,7 @@ def calibrated(model, cal):
 
 def test_probe_toggles_layers_and_matches_the_lowered_model():
     torch.manual_seed(0)
-    model = Outlier().eval()
+    model = ChannelOutlier().eval()
     cal = data(4)
     gm, ctx, cfg = calibrated(model, cal)
     probe = Probe(gm, cfg)
@@ -61,7 +45,7 @@ def test_probe_toggles_layers_and_matches_the_lowered_model():
 
 def test_planted_outlier_layer_is_the_most_sensitive():
     torch.manual_seed(0)
-    model = Outlier().eval()
+    model = ChannelOutlier().eval()
     cal = data(4)
     gm, ctx, cfg = calibrated(model, cal)
     probe = Probe(gm, cfg)
@@ -76,7 +60,7 @@ def test_planted_outlier_layer_is_the_most_sensitive():
 
 def test_sensitivity_in_report_and_dump_dir(tmp_path):
     torch.manual_seed(0)
-    model = Outlier().eval()
+    model = ChannelOutlier().eval()
     cal = data(4)
     q = lowbit.compile(model, cal[0], calibration=cal, progress=False, dump_dir=tmp_path,
                        config=QuantConfig(smoothquant=False, target_sqnr_db=None, sensitivity=True))
@@ -91,7 +75,7 @@ def test_sensitivity_in_report_and_dump_dir(tmp_path):
 
 def test_user_metric_drives_the_analysis():
     torch.manual_seed(0)
-    model = Outlier().eval()
+    model = ChannelOutlier().eval()
     cal = data(4)
     x = cal[1][0]
     ref = model(x)

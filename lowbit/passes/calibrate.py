@@ -31,6 +31,26 @@ class _NamingInterpreter(fx.Interpreter):
     where = ""
 
 
+def stream_calibration(interp: fx.Interpreter, ctx: PassContext, desc: str) -> int:
+    """Check each calibration batch and run it through ``interp``; returns how many batches ran.
+
+    The interpreter's ``where`` and ``batch`` attributes name the batch in its error messages.
+    """
+    signature = ctx.notes["signature"]
+    batches = 0
+    with torch.no_grad():
+        for i, batch in enumerate(tqdm(ctx.calibration, desc=desc, unit="batch",
+                                       disable=None if ctx.progress else True, leave=False)):
+            where = f"calibration batch {i}"
+            flat = signature.flatten(batch, error=CalibrationError, where=where, check_finite=True)
+            interp.where, interp.batch = where, i
+            interp.run(*flat)
+            batches += 1
+    if batches == 0:
+        raise CalibrationError("calibration is empty: give at least one batch")
+    return batches
+
+
 def qparam_key(observes: str) -> str:
     """'encoder.layer.0.attention.self.query:input' -> 'encoder.layer.0.attention.self.query.input'."""
     layer, role = observes.rsplit(":", 1)
@@ -51,19 +71,7 @@ class Calibrate(Pass):
                 "static W8A8 layers need calibration data: pass calibration=[batch, ...] (batches like "
                 "example_inputs), or choose a scheme without static activations (w8a8_dynamic, w8a16, w4a16)"
             )
-        signature = ctx.notes["signature"]
-        interp = _NamingInterpreter(gm)
-        batches = 0
-        with torch.no_grad():
-            for i, batch in enumerate(tqdm(ctx.calibration, desc="lowbit calibrate", unit="batch",
-                                           disable=None if ctx.progress else True, leave=False)):
-                where = f"calibration batch {i}"
-                flat = signature.flatten(batch, error=CalibrationError, where=where, check_finite=True)
-                interp.where = where
-                interp.run(*flat)
-                batches += 1
-        if batches == 0:
-            raise CalibrationError("calibration is empty: give at least one batch")
+        batches = stream_calibration(_NamingInterpreter(gm), ctx, "lowbit calibrate")
         return PassResult(gm, {"batches": batches, "observers": len(observers)})
 
     @staticmethod

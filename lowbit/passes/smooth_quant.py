@@ -51,7 +51,6 @@ from typing import Any
 
 import torch
 from torch import fx
-from tqdm.auto import tqdm
 
 from lowbit.compiler import meta
 from lowbit.compiler.graph import (
@@ -64,6 +63,7 @@ from lowbit.compiler.graph import (
 from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
 from lowbit.config import QuantConfig
 from lowbit.errors import CalibrationError
+from lowbit.passes.calibrate import stream_calibration
 from lowbit.runtime.qparams import (
     choose_qparams,
     dequantize_weight,
@@ -280,22 +280,10 @@ class SmoothQuant(Pass):
     # -- statistics ---------------------------------------------------------------------------------
     @staticmethod
     def _collect(gm: fx.GraphModule, ctx: PassContext, groups: list[Group]) -> None:
-        signature = ctx.notes["signature"]
         by_name = {g.x.name: g for g in groups}
         sample = {g.x.name for g in groups if g.alpha == "auto"}
-        interp = _StatsInterpreter(gm, by_name, sample)
-        batches = 0
         assert ctx.calibration is not None
-        with torch.no_grad():
-            for i, batch in enumerate(tqdm(ctx.calibration, desc="lowbit smooth_quant statistics", unit="batch",
-                                           disable=None if ctx.progress else True, leave=False)):
-                interp.where = where = f"calibration batch {i}"
-                flat = signature.flatten(batch, error=CalibrationError, where=where, check_finite=True)
-                interp.batch = i
-                interp.run(*flat)
-                batches += 1
-        if batches == 0:
-            raise CalibrationError("calibration is empty: give at least one batch")
+        stream_calibration(_StatsInterpreter(gm, by_name, sample), ctx, "lowbit smooth_quant statistics")
 
     # -- factors ------------------------------------------------------------------------------------
     @staticmethod
