@@ -112,8 +112,12 @@ def test_tiny_bert_smoothed_equals_the_original():
     out, ref = gm(b["input_ids"], b["attention_mask"]), bert(**b)
     assert rel_err(out[0], ref.last_hidden_state) <= 1e-5 and rel_err(out[1], ref.pooler_output) <= 1e-5
     # every LayerNorm output also feeds a residual (post-LN) and FFN2 reads a GELU: explicit rescales,
-    # one per distinct input (q/k/v share theirs)
-    assert pm.records[-1].stats == {"layers_smoothed": 7, "explicit_rescales": 5}
+    # one per distinct input (q/k/v share theirs); the attention-output projection's 1/s goes into the
+    # value projection's rows (attention mixes tokens, not channels)
+    assert pm.records[-1].stats == {"layers_smoothed": 7, "folded_linear": 1, "explicit_rescales": 4}
+    report = ctx.notes["smooth_quant"]
+    out_proj = next(k for k in report if k.endswith("attention.output.dense"))
+    assert report[out_proj]["folded_into"] == "linear " + out_proj.replace("output.dense", "self.value")
 
 
 def test_per_layer_alpha_override_and_opt_out(block):

@@ -19,7 +19,9 @@ Where ``1/s`` goes (the report says which, per layer):
   output feeds only the smoothed linears (a pre-LN block). A LayerNorm that also feeds a residual add
   (BERT's post-LN blocks) is left alone: folding would change the residual stream.
 - ``linear``: into the previous linear's output rows and bias, when its output (possibly through a
-  ReLU: ``relu(z / s) = relu(z) / s`` for ``s > 0``) feeds only the smoothed linears.
+  ReLU: ``relu(z / s) = relu(z) / s`` for ``s > 0``) feeds only the smoothed linears; or, for the
+  attention-output projection, into the value projection's rows: attention mixes tokens, not channels,
+  so ``softmax(QK^T) (V / s) = (softmax(QK^T) V) / s`` per channel (lowbit/compiler/patterns.py).
 - ``explicit rescale``: everywhere else (a GELU output, an attention context, a LayerNorm with a
   residual): a constant ``x * (1/s)`` is inserted before the linears. The activation quantizer follows
   the mul, so the QDQ engines see ``LN -> Mul -> Q -> DQ -> MatMul``; OpenVINO folds the Mul into the
@@ -61,9 +63,10 @@ from lowbit.compiler.graph import (
     module_path,
 )
 from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
+from lowbit.compiler.patterns import attention_value_source
 from lowbit.config import QuantConfig
 from lowbit.errors import CalibrationError
-from lowbit.passes.calibrate import stream_calibration
+from lowbit.passes.calibrate import calibration_batches, stream_calibration
 from lowbit.runtime.qparams import (
     choose_qparams,
     dequantize_weight,
@@ -149,7 +152,12 @@ def _fold_target(gm: fx.GraphModule, group: Group) -> tuple[str, fx.Node | None,
             return "layer_norm", x, ""
         return "explicit rescale", None, f"LayerNorm {x.name} has no own affine parameters"
     prod, through = x, ""
-    if x.op == "call_function" and x.target is aten.relu.default and isinstance(x.args[0], fx.Node):
+    value = attention_value_source(x)
+    if value is not None:  # an attention context: 1/s goes into the value projection's rows
+        prod, through = value, " (the value projection of the attention feeding it)"
+        if len(prod.users) != 1:
+            return "explicit rescale", None, f"value {prod.name} feeds more than its attention"
+    elif x.op == "call_function" and x.target is aten.relu.default and isinstance(x.args[0], fx.Node):
         prod, through = x.args[0], " through its relu"
         if len(prod.users) != 1:
             return "explicit rescale", None, f"{prod.name} feeds more than the relu"
@@ -191,7 +199,9 @@ class _StatsInterpreter(fx.Interpreter):
 
 def reiterable(calibration: Iterable[Any]) -> Iterable[Any]:
     """The calibration batches in a form that can be iterated twice: a one-shot iterator becomes a list."""
-    return list(calibration) if iter(calibration) is calibration else calibration
+    if isinstance(calibration, Iterable) and iter(calibration) is not calibration:
+        return calibration
+    return list(calibration_batches(calibration))  # an error midway names the batch
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,9 +19,9 @@ from torch import fx
 
 from lowbit.compiler.graph import tensor_meta
 from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
+from lowbit.compiler.patterns import heads_input, merged_output
 
 aten = torch.ops.aten
-VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
 @torch.library.custom_op("lowbit::attention", mutates_args=())
@@ -54,44 +54,6 @@ def onnx_attention(q, k, v, mask, num_heads: int, scale: float):  # noqa: ANN001
 CUSTOM_TRANSLATIONS = {torch.ops.lowbit.attention.default: onnx_attention}
 
 
-def _heads_input(node: object) -> tuple[fx.Node, int, int] | None:
-    """transpose(view(x [B,S,H*D], [B,S,H,D]), 1, 2) -> (x, H, D)."""
-    if not isinstance(node, fx.Node) or node.target is not aten.transpose.int or tuple(node.args[1:]) != (1, 2):
-        return None
-    view = node.args[0]
-    if not isinstance(view, fx.Node) or view.target not in VIEWS or len(view.users) != 1:
-        return None
-    x, val = view.args[0], tensor_meta(view)
-    xv = tensor_meta(x) if isinstance(x, fx.Node) else None
-    if val is None or xv is None or val.ndim != 4 or xv.ndim != 3:
-        return None
-    heads, dim = val.shape[2], val.shape[3]
-    if not isinstance(heads, int) or not isinstance(dim, int) or xv.shape[2] != heads * dim:
-        return None
-    return x, heads, dim
-
-
-def _merged_output(sdpa: fx.Node) -> fx.Node | None:
-    """Follow sdpa -> (reshape 4-D) -> transpose(1, 2) -> reshape 3-D; the final reshape, or None."""
-    node = sdpa
-    seen_transpose = False
-    while len(node.users) == 1:
-        user = next(iter(node.users))
-        val = tensor_meta(user)
-        if val is None:
-            return None
-        if user.target is aten.transpose.int and tuple(user.args[1:]) == (1, 2) and not seen_transpose:
-            seen_transpose = True
-        elif user.target in VIEWS and val.ndim == 4 and not seen_transpose:
-            pass
-        elif user.target in VIEWS and val.ndim == 3 and seen_transpose:
-            return user
-        else:
-            return None
-        node = user
-    return None
-
-
 def _erase_chain(graph: fx.Graph, node: fx.Node, stop: fx.Node) -> None:
     """Erase the now-unused chain node -> ... -> stop (eliminate_dead_code keeps SDPA: it may do dropout)."""
     while not node.users:
@@ -114,8 +76,8 @@ class FuseAttention(Pass):
             q, k, v, mask = args[:4]
             if sdpa.kwargs.get("is_causal") or sdpa.kwargs.get("dropout_p", 0.0) or len(sdpa.args) > 4:
                 continue
-            parts = [_heads_input(x) for x in (q, k, v)]
-            out = _merged_output(sdpa)
+            parts = [heads_input(x) for x in (q, k, v)]
+            out = merged_output(sdpa)
             mv = tensor_meta(mask) if isinstance(mask, fx.Node) else None
             if any(p is None for p in parts) or out is None or (mask is not None and (mv is None or mv.dtype != torch.bool)):
                 continue

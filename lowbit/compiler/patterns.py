@@ -1,0 +1,81 @@
+"""Multi-head attention's head split and merge, as torch.export writes them; shared by the smooth_quant
+pass (1/s for the attention-output projection folds into the value projection) and the ONNX attention
+fusion.
+
+    split:  x [B, S, H*D] -> view [B, S, H, D] -> transpose(1, 2)            -> [B, H, S, D]
+    merge:  sdpa [B, H, S, D] -> (view 4-D) -> transpose(1, 2) -> view 3-D   -> [B, S, H*D]
+
+Channel ``h*D + d`` of the merged output comes from channel ``h*D + d`` of the value input ``x``: the
+attention mixes tokens, never channels, so a per-channel factor on V's channels reappears unchanged on
+the merged output's channels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from lowbit.compiler.graph import tensor_meta
+
+aten = torch.ops.aten
+VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+SDPA = aten.scaled_dot_product_attention.default
+
+
+def heads_input(node: object) -> tuple[fx.Node, int, int] | None:
+    """transpose(view(x [B,S,H*D], [B,S,H,D]), 1, 2) -> (x, H, D); None if ``node`` is not a head split."""
+    if not isinstance(node, fx.Node) or node.target is not aten.transpose.int or tuple(node.args[1:]) != (1, 2):
+        return None
+    view = node.args[0]
+    if not isinstance(view, fx.Node) or view.target not in VIEWS or len(view.users) != 1:
+        return None
+    x, val = view.args[0], tensor_meta(view)
+    xv = tensor_meta(x) if isinstance(x, fx.Node) else None
+    if val is None or xv is None or val.ndim != 4 or xv.ndim != 3:
+        return None
+    heads, dim = val.shape[2], val.shape[3]
+    if not isinstance(heads, int) or not isinstance(dim, int) or xv.shape[2] != heads * dim:
+        return None
+    return x, heads, dim
+
+
+def merged_output(sdpa: fx.Node) -> fx.Node | None:
+    """Follow sdpa -> (view 4-D) -> transpose(1, 2) -> view 3-D through single users; the final view."""
+    node = sdpa
+    seen_transpose = False
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        val = tensor_meta(user)
+        if val is None:
+            return None
+        if user.target is aten.transpose.int and tuple(user.args[1:]) == (1, 2) and not seen_transpose:
+            seen_transpose = True
+        elif user.target in VIEWS and val.ndim == 4 and not seen_transpose:
+            pass
+        elif user.target in VIEWS and val.ndim == 3 and seen_transpose:
+            return user
+        else:
+            return None
+        node = user
+    return None
+
+
+def attention_value_source(x: fx.Node) -> fx.Node | None:
+    """If ``x`` is the merged output of an SDPA (see ``merged_output``), the 3-D tensor its value input
+    was split from (``heads_input``); else None. Its channels map one to one onto ``x``'s."""
+    node = x
+    for _ in range(3):  # view 3-D <- transpose <- (view 4-D) <- sdpa
+        if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+        if node.target is SDPA:
+            break
+    else:
+        return None
+    if merged_output(node) is not x:
+        return None
+    v = node.args[2] if len(node.args) > 2 else None
+    split = heads_input(v)
+    if split is None or not isinstance(v, fx.Node) or len(v.users) != 1:
+        return None
+    return split[0]
