@@ -123,8 +123,10 @@ class OpenVinoRunner:
         compiled, request = self.compiled, self.request
         if self.static_key is not None and tuple(tuple(t.shape) for t in flat) == self.static_key:
             compiled, request = self.static, self.static_request
-        res = request.infer(feed)
-        return [torch.from_numpy(np.array(res[o])) for o in compiled.outputs]
+        # share_inputs: OpenVINO reads our arrays in place during this synchronous call; outputs come back
+        # as copies (share_outputs=False), so they stay valid after the next call
+        res = request.infer(feed, share_inputs=True, share_outputs=False)
+        return [torch.from_numpy(res[o]) for o in compiled.outputs]
 
     def int8_layers(self, weights: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
