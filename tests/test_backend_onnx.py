@@ -116,9 +116,20 @@ def test_graph_shape(compiled, tmp_path):
                 assert len(users) == 1, f"{n.name} feeds {len(users)} nodes: a DQ per consumer"
                 if n.input[0] in inits:  # weights feed the MatMul/Conv directly, no Transpose between
                     assert users[0].op_type in ("MatMul", "Conv", "Gemm")
-    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
-            for i in onnx.load(str(tmp_path / "bert" / "model.onnx")).graph.input}
+    bert_model = onnx.load(str(tmp_path / "bert" / "model.onnx"))
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in bert_model.graph.input}
     assert dims == {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "seq"]}
+    ops = [n.op_type for n in bert_model.graph.node]
+    if target == "onnxruntime-int8":  # every linear is one MatMulIntegerToFloat that adds its own bias
+        fused = {n.output[0] for n in bert_model.graph.node if n.op_type == "MatMulIntegerToFloat"}
+        assert len(fused) == 13 and "MatMul" not in ops
+        inits = {t.name for t in bert_model.graph.initializer}
+        left = [n.name for n in bert_model.graph.node
+                if n.op_type == "Add" and set(n.input) & fused and set(n.input) & inits]
+        assert left == [], f"bias Adds left outside MatMulIntegerToFloat: {left}"
+        assert qb.report.sections["onnx_export"]["bias_fused"] >= 12  # the pooler's all-zero bias is gone
+    else:  # standard ops only: OpenVINO runs no contrib op
+        assert "MatMul" in ops and all(o.domain in ("", "ai.onnx") for o in bert_model.opset_import)
 
 
 def test_artifact_reloads_without_the_compiler(compiled, tmp_path):

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 from torch import fx
 
@@ -56,6 +57,8 @@ class OnnxBackend:
         uses_attention = any(n.target is torch.ops.lowbit.attention.default for n in gm.graph.nodes)
         opset = ATTENTION_OPSET if uses_attention else OPSET
         model, info = export_onnx(gm, signature, weight_layers, CUSTOM_TRANSLATIONS, opset)
+        if options.get("engine_rules", True):
+            info["rules"].update(self.engine_rules(model))
         flat = [t for t in torch.utils._pytree.tree_leaves((captured.args, captured.kwargs)) if isinstance(t, torch.Tensor)]
         macs = {k: v for k, v in layer_macs(gm, flat).items() if k in info["weights"]}
         tmp = tempfile.TemporaryDirectory(prefix="lowbit-onnx-")
@@ -72,6 +75,10 @@ class OnnxBackend:
         compiled.graph_module = gm
         return compiled
 
+    def engine_rules(self, model: onnx.ModelProto) -> dict[str, int]:
+        """Rewrites for this engine only, after the shared QDQ export (none for the standard-op engines)."""
+        return {}
+
     def save(self, compiled: CompiledModel, directory: Path) -> None:
         compiled.save(directory)
 
@@ -86,6 +93,13 @@ class OnnxRuntimeBackend(OnnxBackend):
     module = "onnxruntime"
     #: ORT fuses DQ -> Conv (-> Relu) -> Q into QLinearConv only with the output quantized
     quantize_conv_outputs = True
+
+    def engine_rules(self, model: onnx.ModelProto) -> dict[str, int]:
+        from lowbit.backends.onnx.ort_rules import fuse_matmul_integer_to_float
+
+        stats = fuse_matmul_integer_to_float(model)
+        onnx.checker.check_model(model, full_check=True)
+        return stats
 
 
 class OpenVinoBackend(OnnxBackend):

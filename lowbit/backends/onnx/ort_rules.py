@@ -1,0 +1,92 @@
+"""ONNX Runtime-only rewrite: a quantized linear becomes one ``com.microsoft.MatMulIntegerToFloat`` with its
+bias inside.
+
+    Q(x) -> DQ -> MatMul(., DQ(W int8 [K, N])) -> Add(., b [N])
+      ==>  Q(x) -> MatMulIntegerToFloat(x_q, W, x_scale, w_scale, x_zero_point, -, b)
+
+This is the kernel ORT's QDQ fusion picks for that pattern anyway, but the fusion leaves the bias as a
+separate Add whenever no later fusion (BiasGelu, SkipLayerNormalization) swallows it: on MiniLM-L6 the
+Q, K and V projections, 18 Adds, each one more pass over a [tokens, 384] float tensor. The int8
+arithmetic is unchanged: ``out = (x_q - x_zp) * x_scale  @  W * w_scale + b`` in both forms; weights stay
+symmetric (zero point 0, so it is left out) and may be per output column (``w_scale`` [N]).
+
+Only ORT runs contrib ops, so this rule belongs to the onnxruntime-int8 target, never to the shared
+export. The rewritten node keeps the layer's name (``<layer>/MatMulIntegerToFloat``), so engine reports
+and the layer-wise comparison still map it back.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+from lowbit.backends.onnx.qdq_rules import Graph, remove_dead_nodes, toposort
+
+MS_DOMAIN = "com.microsoft"
+
+
+def _match(g: Graph, mm: onnx.NodeProto, prod: dict[str, onnx.NodeProto],
+           cons: dict[str, list[onnx.NodeProto]]) -> tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto | None] | str:
+    """(activation DQ, weight DQ, bias Add or None) for a fusable MatMul, else the reason it is not."""
+    dx, dw = prod.get(mm.input[0]), prod.get(mm.input[1])
+    if dx is None or dx.op_type != "DequantizeLinear" or prod.get(dx.input[0]) is None:
+        return "the activation is not dequantized from a QuantizeLinear"
+    if prod[dx.input[0]].op_type != "QuantizeLinear":
+        return "the activation DQ does not read a QuantizeLinear"
+    if dw is None or dw.op_type != "DequantizeLinear" or dw.input[0] not in g.init:
+        return "the weight is not a constant DequantizeLinear"
+    w, w_scale = g.array(dw.input[0]), g.array(dw.input[1])
+    if w is None or w.ndim != 2 or w_scale is None or w_scale.ndim > 1:
+        return "the weight is not a 2-D tensor with a per-tensor or per-column scale"
+    if w_scale.ndim == 1 and w_scale.size > 1 and int(next((a.i for a in dw.attribute if a.name == "axis"), 1)) % 2 != 1:
+        return "the weight scale is not per output column (axis 1)"
+    if len(dw.input) > 2 and dw.input[2]:
+        zp = g.array(dw.input[2])
+        if zp is None or zp.any():
+            return "the weight zero point is not 0"
+    x_scale = g.array(dx.input[1])
+    if x_scale is None or x_scale.size != 1:
+        return "the activation scale is not one constant"
+    users = [u for u in cons.get(mm.output[0], []) if u is not None]
+    add = users[0] if len(users) == 1 and users[0].op_type == "Add" and len(cons[mm.output[0]]) == 1 else None
+    if add is not None:
+        other = [i for i in add.input if i != mm.output[0]]
+        b = g.array(other[0]) if len(other) == 1 else None
+        if b is None or b.ndim != 1 or b.shape[0] != w.shape[1]:
+            add = None
+    return dx, dw, add
+
+
+def fuse_matmul_integer_to_float(model: onnx.ModelProto) -> dict[str, int]:
+    """Rewrite every matching quantized MatMul (+ bias Add) in place; returns what fired."""
+    g = Graph(model)
+    prod, cons = g.producers(), g.consumers()
+    fused = with_bias = 0
+    for mm in list(g.g.node):
+        if mm.op_type != "MatMul":
+            continue
+        m = _match(g, mm, prod, cons)
+        if isinstance(m, str):
+            continue
+        dx, dw, add = m
+        bias = next(i for i in add.input if i != mm.output[0]) if add is not None else ""
+        out = add.output[0] if add is not None else mm.output[0]
+        layer = mm.name.rpartition("/")[0]
+        name = f"{layer}/MatMulIntegerToFloat" if layer else g.unique(mm.name + "_int")
+        zp = dx.input[2] if len(dx.input) > 2 else ""
+        node = helper.make_node("MatMulIntegerToFloat", [dx.input[0], dw.input[0], dx.input[1], dw.input[1], zp, "", bias],
+                                [out], name=name, domain=MS_DOMAIN)
+        idx = list(g.g.node).index(mm)
+        g.g.node.insert(idx, node)
+        g.g.node.remove(mm)
+        if add is not None:
+            g.g.node.remove(add)
+            with_bias += 1
+        fused += 1
+    if fused:
+        remove_dead_nodes(g)
+        g.remove_unused_initializers()
+        toposort(g)
+        if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return {"matmul_integer_to_float": fused, "bias_fused": with_bias}
