@@ -49,9 +49,10 @@ DEFAULT_OUT = HERE / "results"
 #: fields). Add e.g. ``LowbitRow("lowbit ORT +SmoothQuant", "onnxruntime-int8", config={...})``.
 LOWBIT_ROWS: list[LowbitRow] = [
     *DEFAULT_LOWBIT_ROWS,
-    # ablations, one line each, e.g.:
-    # LowbitRow("lowbit ORT, plain W8A8", "onnxruntime-int8", config={"smoothquant": False, "target_sqnr_db": None}),
-    # LowbitRow("lowbit ORT, +SmoothQuant", "onnxruntime-int8", config={"target_sqnr_db": None}),
+    # each pass's contribution on the fastest engine: plain W8A8, + SmoothQuant; the default row above adds
+    # the mixed-precision planner (target_sqnr_db=18) on top
+    LowbitRow("lowbit openvino-int8, plain W8A8", "openvino-int8", config={"smoothquant": False, "target_sqnr_db": None}),
+    LowbitRow("lowbit openvino-int8, +SmoothQuant", "openvino-int8", config={"target_sqnr_db": None}),
 ]
 
 
