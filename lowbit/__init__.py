@@ -12,8 +12,10 @@ from lowbit.config import QuantConfig  # noqa: E402
 from lowbit.errors import (  # noqa: E402
     ArtifactError,
     BackendNotAvailable,
+    BackendUnavailable,
     CalibrationError,
     CaptureError,
+    EngineMismatchError,
     InputError,
     LowbitError,
     PassError,
@@ -26,7 +28,7 @@ from lowbit.runtime.spec import LayerSpec, Plan, QuantSpec  # noqa: E402
 __all__ = [
     "compile", "load", "QuantConfig", "CompiledModel", "Plan", "LayerSpec", "QuantSpec",
     "LowbitError", "CaptureError", "CalibrationError", "QuantConfigError", "PlanError", "ArtifactError",
-    "BackendNotAvailable", "PassError", "InputError",
+    "BackendNotAvailable", "BackendUnavailable", "EngineMismatchError", "PassError", "InputError",
 ]
 from lowbit.runtime.layerwise import LayerwiseReport, compare_layers  # noqa: E402
 

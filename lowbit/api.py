@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from lowbit.config import QuantConfig
+from lowbit.errors import ArtifactError, BackendNotAvailable, InputError
 from lowbit.runtime.artifact import read_manifest
 from lowbit.runtime.model import CompiledModel
 from lowbit.runtime.spec import Plan
@@ -50,10 +51,36 @@ def load(directory: str | os.PathLike[str], *, model: torch.nn.Module | None = N
     target="torch" artifacts are recipes and need ``model=`` (the original model) to re-apply them.
     """
     manifest = read_manifest(directory)
+    try:
+        return _load_verified(directory, manifest, model, options)
+    except (ArtifactError, BackendNotAvailable, InputError):  # InputError: a bad option given to load()
+        raise
+    except Exception as e:  # an artifact is untrusted input: any failure to rebuild it is an ArtifactError
+        raise ArtifactError(f"{directory}: cannot be loaded ({type(e).__name__}: {e})") from e
+
+
+def _load_verified(directory: str | os.PathLike[str], manifest: dict[str, Any], model: torch.nn.Module | None,
+                   options: dict[str, Any]) -> CompiledModel:
+    """Dispatch a verified artifact (every file matches the manifest) to the loader of its kind."""
+    from lowbit.runtime.onnx_artifact import ONNX_TARGETS, check_onnx_file
+
+    d = Path(directory)
+    kind, target = manifest.get("kind"), manifest.get("target")
+    targets = {"onnx": ONNX_TARGETS, "tensorrt": ("tensorrt-int8",)}.get(kind if isinstance(kind, str) else "")
+    if targets is not None and target not in targets:
+        raise ArtifactError(f"{d / 'manifest.json'}: a {kind!r} artifact of target {target!r}; {kind!r} artifacts "
+                            f"come from {', '.join(targets)}")
+    unlisted = sorted(p.name for p in d.glob("*.onnx") if p.name not in manifest["files"])
+    for name in [n for n in manifest["files"] if n.endswith(".onnx")] + unlisted:
+        check_onnx_file(d, name, manifest)  # before any engine (a C++ parser) opens it
     if manifest.get("kind") == "onnx":  # deployable artifacts load with the runtime alone
         from lowbit.runtime.onnx_artifact import load_onnx_artifact
 
         return load_onnx_artifact(directory, manifest, **options)
+    if manifest.get("kind") == "tensorrt":  # engine or TensorRT-ready ONNX: the runtime alone, too
+        from lowbit.runtime.tensorrt_artifact import load_tensorrt_artifact
+
+        return load_tensorrt_artifact(directory, manifest, **options)
     from lowbit.backends.registry import get_backend
 
     backend = get_backend(str(manifest.get("target")))

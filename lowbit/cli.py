@@ -4,6 +4,9 @@
     lowbit verify DIR           check every file against the manifest's SHA-256; exit 1 on a mismatch
     lowbit run DIR --inputs IN.safetensors [--out OUT.safetensors]
                                 run an ONNX artifact on inputs stored as safetensors (names = input names)
+    lowbit trt-check MODEL.onnx|DIR [--json]
+                                check a QDQ ONNX (or an artifact's model.onnx) against TensorRT's Q/DQ rules;
+                                exit 1 on a violation
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from lowbit.errors import LowbitError
+from lowbit.errors import ArtifactError, LowbitError
 from lowbit.runtime.artifact import load_json, read_manifest
 
 
@@ -57,6 +60,19 @@ def _run(directory: Path, inputs: Path, out: Path | None) -> int:
     return 0
 
 
+def _trt_check(path: Path, as_json: bool) -> int:
+    from lowbit.backends.tensorrt.conformance import check_model
+
+    if path.is_dir():
+        read_manifest(path)  # an artifact: its files must match their hashes first
+        path = path / "model.onnx"
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such ONNX file")
+    report = check_model(path)
+    print(json.dumps(report.to_json(), indent=2) if as_json else report.format())
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lowbit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -67,12 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("directory", type=Path)
     p.add_argument("--inputs", type=Path, required=True)
     p.add_argument("--out", type=Path)
+    p = sub.add_parser("trt-check", help="check a QDQ ONNX against TensorRT's Q/DQ rules")
+    p.add_argument("path", type=Path, help="an .onnx file or an artifact directory")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args(argv)
     try:
         if args.command == "inspect":
             return _inspect(args.directory)
         if args.command == "verify":
             return _verify(args.directory)
+        if args.command == "trt-check":
+            return _trt_check(args.path, args.json)
         return _run(args.directory, args.inputs, args.out)
     except LowbitError as e:
         print(f"lowbit {args.command}: {type(e).__name__}: {e}", file=sys.stderr)

@@ -24,11 +24,26 @@ class PlanError(LowbitError, ValueError):
 
 
 class ArtifactError(LowbitError):
-    """An artifact directory is missing a file, or a file does not match its manifest."""
+    """An artifact cannot be loaded: a file is missing, does not match its manifest, cannot be parsed, or
+    names a path outside the artifact directory. ``lowbit.load`` raises nothing else for a bad artifact."""
 
 
-class BackendNotAvailable(LowbitError, ImportError):
-    """The target's runtime library is not installed."""
+class BackendUnavailable(LowbitError, ImportError):
+    """The target's runtime library (or the device it needs) is not available.
+
+    ``artifact_dir`` is set when compile() wrote what it could before raising (target "tensorrt-int8"
+    without TensorRT or a GPU: the TensorRT-ready ONNX and its conformance report).
+    """
+
+    artifact_dir = None  # pathlib.Path | None
+
+
+#: the name this error had before ``BackendUnavailable``; both names are the same class
+BackendNotAvailable = BackendUnavailable
+
+
+class EngineMismatchError(ArtifactError):
+    """A serialized engine was built for another GPU or engine version than the one loading it."""
 
 
 class PassError(LowbitError):

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import fx
 
-from lowbit.compiler.capture import capture
+from lowbit.compiler.capture import Captured, capture
 from lowbit.compiler.instruments import VerifyInstrument
 from lowbit.compiler.pass_manager import Pass, PassContext, PassManager
 from lowbit.config import QuantConfig
@@ -42,3 +47,44 @@ def rel_err(test: torch.Tensor, ref: torch.Tensor) -> float:
     """max |test - ref| / max |ref|: the relative error the pass tests bound."""
     test, ref = test.detach(), ref.detach()
     return float((test.double() - ref.double()).abs().max() / ref.double().abs().max().clamp(min=1e-30))
+
+
+@contextlib.contextmanager
+def capture_cache() -> Iterator[None]:
+    """Within the block, compile() captures each (model, example shapes, dynamic shapes) once and hands
+    every later compile a deep copy: torch.export is most of a small model's compile time, and its result
+    does not depend on the target, the config or the calibration data. The pipeline is otherwise unchanged."""
+    from lowbit.compiler import pipeline
+
+    cache: dict[tuple, Captured] = {}
+    real = pipeline.capture
+
+    def capture_once(model, example_inputs, dynamic_shapes=None, dim_bounds=None):
+        leaves = torch.utils._pytree.tree_leaves(example_inputs)
+        key = (id(model), repr([(tuple(t.shape), t.dtype) for t in leaves if isinstance(t, torch.Tensor)]),
+               repr(dynamic_shapes), repr(dim_bounds))
+        if key not in cache:
+            cache[key] = real(model, example_inputs, dynamic_shapes, dim_bounds)
+        c = cache[key]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # pytree's LeafSpec deprecation, from deepcopy
+            return dataclasses.replace(c, gm=copy.deepcopy(c.gm))
+
+    pipeline.capture = capture_once
+    try:
+        yield
+    finally:
+        pipeline.capture = real
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch on one intra-op thread within the block. For suites of tiny models: a second OpenMP thread
+    buys nothing there, and when another process holds a core it makes each op wait for a descheduled
+    thread (measured: 100x slower calls on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

@@ -13,6 +13,7 @@ TARGETS: dict[str, str] = {
     "onnxruntime-int8": "lowbit.backends.onnx.backend:OnnxRuntimeBackend",
     "openvino-int8": "lowbit.backends.onnx.backend:OpenVinoBackend",
     "triton": "lowbit.backends.triton.backend:TritonBackend",
+    "tensorrt-int8": "lowbit.backends.tensorrt.backend:TensorRTBackend",
 }
 
 

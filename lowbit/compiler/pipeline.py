@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -65,6 +66,10 @@ def compile_model(
     backend = get_backend(target)
     backend.check_available()
     config = config or QuantConfig()
+    if getattr(backend, "symmetric_activations", False) and not config.activation_symmetric:
+        # the engine takes symmetric int8 activations only (TensorRT): SmoothQuant's alpha search and the
+        # planner must measure that scheme, not the default uint8 one (annotate enforces it per layer too)
+        config = dataclasses.replace(config, activation_symmetric=True)
     if calibration is not None and (config.smoothquant or config.plans_automatically or config.sensitivity):
         calibration = reiterable(calibration)  # read more than once: a one-shot iterator becomes a list
     captured = capture(model, example_inputs, dynamic_shapes, dim_bounds)
@@ -77,9 +82,11 @@ def compile_model(
                       qparams=qparams, progress=progress)
     ctx.notes.update(signature=signature, target=target, supported_schemes=backend.schemes,
                      scheme_costs=getattr(backend, "scheme_costs", CPU_SCHEME_COSTS),
-                     quantize_conv_outputs=getattr(backend, "quantize_conv_outputs", False))
+                     quantize_conv_outputs=getattr(backend, "quantize_conv_outputs", False),
+                     symmetric_activations=getattr(backend, "symmetric_activations", False))
     instruments: list[Any] = [VerifyInstrument(), TimingInstrument()]
     dump = dump_dir or os.environ.get("LOWBIT_DUMP_DIR")
+    ctx.notes["dump_dir"] = dump  # a backend that cannot finish writes what it has there (tensorrt-int8)
     if dump:
         instruments.append(DumpInstrument(dump))
     manager = PassManager(default_passes() + backend.lowering_passes(options), instruments)

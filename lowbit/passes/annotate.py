@@ -18,7 +18,7 @@ from lowbit.compiler.graph import QUANTIZABLE, assign_layer_names, attr_tensor
 from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
 from lowbit.config import QuantConfig
 from lowbit.errors import PlanError, QuantConfigError
-from lowbit.runtime.spec import LayerSpec, Plan
+from lowbit.runtime.spec import LayerSpec, Plan, QuantSpec
 
 
 def check_spec_fits(spec: LayerSpec, op: str, weight_shape: tuple[int, ...]) -> str | None:
@@ -52,6 +52,10 @@ def engine_spec(spec: LayerSpec, op: str, ctx: PassContext) -> LayerSpec:
             and spec.output is None):
         # the engine runs a conv as integer only with a quantized output (ORT's QLinearConv)
         spec = LayerSpec(spec.scheme, spec.weight, spec.activation, output=spec.activation)
+    if ctx.notes.get("symmetric_activations") and spec.activation is not None and not spec.activation.dynamic:
+        # the engine's Q/DQ take symmetric int8 only (TensorRT: zero point 0): static activations follow
+        sym = QuantSpec("int8", True, "per_tensor")
+        spec = LayerSpec(spec.scheme, spec.weight, sym, output=sym if spec.output is not None else None)
     return spec
 
 

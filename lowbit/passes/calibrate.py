@@ -7,6 +7,7 @@ memory. When re-applying an artifact (``ctx.qparams``) the observers take the st
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -31,6 +32,27 @@ class _NamingInterpreter(fx.Interpreter):
     where = ""
 
 
+def calibration_batches(calibration: Iterable[Any]) -> Iterator[Any]:
+    """The batches of a calibration iterable; an iterable that raises while producing batch i (a reader
+    failing midway) becomes a CalibrationError naming batch i, as does something that is not iterable."""
+    try:
+        it = iter(calibration)
+    except TypeError as e:
+        raise CalibrationError(f"calibration must be an iterable of batches like example_inputs, got "
+                               f"{type(calibration).__name__}") from e
+    i = 0
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except Exception as e:  # the user's reader: any failure is a failure of the calibration data
+            raise CalibrationError(f"calibration batch {i}: the calibration iterable raised "
+                                   f"{type(e).__name__}: {e}") from e
+        yield batch
+        i += 1
+
+
 def stream_calibration(interp: fx.Interpreter, ctx: PassContext, desc: str) -> int:
     """Check each calibration batch and run it through ``interp``; returns how many batches ran.
 
@@ -39,7 +61,7 @@ def stream_calibration(interp: fx.Interpreter, ctx: PassContext, desc: str) -> i
     signature = ctx.notes["signature"]
     batches = 0
     with torch.no_grad():
-        for i, batch in enumerate(tqdm(ctx.calibration, desc=desc, unit="batch",
+        for i, batch in enumerate(tqdm(calibration_batches(ctx.calibration), desc=desc, unit="batch",
                                        disable=None if ctx.progress else True, leave=False)):
             where = f"calibration batch {i}"
             flat = signature.flatten(batch, error=CalibrationError, where=where, check_finite=True)

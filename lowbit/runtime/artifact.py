@@ -1,27 +1,41 @@
 """Artifact directories: written to a temp dir and renamed into place; read back only if every file
 matches the SHA-256 recorded in manifest.json, and the manifest matches its own hash.
 
-No pickle: artifacts hold JSON, safetensors and ONNX only.
+No pickle: artifacts hold JSON, safetensors and ONNX only. An artifact is untrusted input:
+
+- every name it uses (manifest entries, files the loaders open) is a plain relative path inside the
+  directory: absolute names, ``..`` and symlinks that resolve outside are refused before anything is
+  opened;
+- every file is hashed before any parser sees it, so damage is reported as a hash mismatch;
+- a save is crash-atomic: a process killed at any point leaves the destination absent, the old
+  artifact, or the new one, never a mix (on Linux the new directory is swapped in with one
+  ``renameat2(RENAME_EXCHANGE)``; elsewhere there is a short window in which the destination is absent).
+  Temp directories a killed save left behind are removed by the next save to the same place.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowbit.errors import ArtifactError
+from lowbit.errors import ArtifactError, LowbitError
 
+T = TypeVar("T")
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -56,10 +70,12 @@ def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
 
 
 def write_artifact(directory: str | os.PathLike[str], writer: Callable[[Path], None], manifest: dict[str, Any]) -> Path:
-    """Call ``writer(tmpdir)`` to fill a temp dir, hash its files into the manifest, rename into place."""
+    """Call ``writer(tmpdir)`` to fill a temp dir, hash its files into the manifest (written last), then
+    rename it into place, or swap it with what is there in one atomic exchange (Linux)."""
     target = Path(directory).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    _remove_leftovers(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         writer(tmp)
         files = {}
@@ -68,7 +84,10 @@ def write_artifact(directory: str | os.PathLike[str], writer: Callable[[Path], N
                 files[p.relative_to(tmp).as_posix()] = sha256_file(p)
         manifest = {**manifest, "format_version": FORMAT_VERSION, "files": files}
         manifest["manifest_sha256"] = _self_hash(manifest)
-        write_json(tmp / MANIFEST, manifest)
+        write_json(tmp / MANIFEST, manifest)  # last: a directory without a manifest is never loaded
+        if target.exists() and _exchange(tmp, target):
+            _remove(tmp)  # tmp now holds what was at the target
+            return target
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
@@ -82,41 +101,146 @@ def write_artifact(directory: str | os.PathLike[str], writer: Callable[[Path], N
     return target
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); False where that is not supported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False  # the filesystem cannot exchange: fall back to two renames
+    raise OSError(err, f"cannot swap {a} into {b}: {os.strerror(err)}")
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Remove the temp / old directories of earlier saves to ``target`` whose process is gone (killed)."""
+    prefixes = (f".{target.name}.tmp-", f".{target.name}.old-")
+    for p in target.parent.iterdir():
+        prefix = next((x for x in prefixes if p.name.startswith(x)), None)
+        if prefix is None:
+            continue
+        pid = p.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            _remove(p)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def inside(directory: str | os.PathLike[str], name: str, what: str = "file") -> Path:
+    """``directory / name``, refused (ArtifactError) when ``name`` could reach outside the directory.
+
+    Refused before anything is opened: an absolute name, a ``..`` component, a backslash, and a path
+    that resolves outside the directory (a symlink, or a symlinked parent, pointing out).
+    """
+    d = Path(directory)
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        raise ArtifactError(f"{d}: {what} name {name!r} is not a plain relative path; paths outside the artifact "
+                            "directory are refused")
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or os.path.isabs(name):
+        raise ArtifactError(f"{d}: {what} name {name!r} is an absolute path; paths outside the artifact "
+                            "directory are refused")
+    if ".." in pure.parts:
+        raise ArtifactError(f"{d}: {what} name {name!r} contains '..'; paths outside the artifact directory "
+                            "are refused")
+    path = d / name
+    real, root = path.resolve(), d.resolve()
+    if real != root and root not in real.parents:
+        raise ArtifactError(f"{path}: is a symlink (or under one) resolving to {real}, outside the artifact "
+                            f"directory {root}: refused")
+    return path
+
+
+def is_lfs_pointer(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(LFS_POINTER)) == LFS_POINTER
+    except OSError:
+        return False
+
+
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest of a verified artifact directory; ArtifactError names the first problem found."""
+    """The manifest of a verified artifact directory; ArtifactError names the first problem found.
+
+    Every listed name is checked (relative, no ``..``, no symlink out) before any file is opened, then
+    every file is hashed: nothing is parsed before the whole directory matches its manifest.
+    """
     d = Path(directory)
     if not d.is_dir():
         raise ArtifactError(f"{d}: no such artifact directory")
-    path = d / MANIFEST
+    path = inside(d, MANIFEST)
     if not path.is_file():
         raise ArtifactError(f"{path}: missing; {d} is not a lowbit artifact (or was not fully written)")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: not valid JSON ({e})") from e
+        lfs = " (it is a Git LFS pointer: run `git lfs pull`)" if is_lfs_pointer(path) else ""
+        raise ArtifactError(f"{path}: not valid JSON{lfs} ({e})") from e
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise ArtifactError(f"{path}: has no 'files' table")
     if manifest.get("manifest_sha256") != _self_hash(manifest):
         raise ArtifactError(f"{path}: was altered after it was written (its self-hash does not match)")
-    for name, digest in manifest["files"].items():
-        f = d / name
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: format_version {manifest.get('format_version')!r}; this lowbit reads "
+                            f"version {FORMAT_VERSION}")
+    files = {inside(d, name, "manifest file"): digest for name, digest in manifest["files"].items()}
+    for f, digest in files.items():
         if not f.is_file():
             raise ArtifactError(f"{f}: listed in the manifest but missing")
         if sha256_file(f) != digest:
-            raise ArtifactError(f"{f}: SHA-256 does not match the manifest (the file was altered)")
+            lfs = " (it is a Git LFS pointer, not the file: run `git lfs pull`)" if is_lfs_pointer(f) else ""
+            raise ArtifactError(f"{f}: SHA-256 does not match the manifest (the file was altered){lfs}")
     return manifest
 
 
 def load_tensors(directory: str | os.PathLike[str], name: str) -> dict[str, torch.Tensor]:
+    p = inside(directory, name)
+    if not p.is_file():
+        raise ArtifactError(f"{p}: missing (or not a regular file)")
     try:
-        return load_file(str(Path(directory) / name))
+        return load_file(str(p))
     except Exception as e:  # safetensors raises its own error types on corrupt files
-        raise ArtifactError(f"{Path(directory) / name}: cannot be read as safetensors ({e})") from e
+        raise ArtifactError(f"{p}: cannot be read as safetensors ({e})") from e
 
 
 def load_json(directory: str | os.PathLike[str], name: str) -> Any:
-    p = Path(directory) / name
+    p = inside(directory, name)
+    if not p.is_file():
+        raise ArtifactError(f"{p}: missing (or not a regular file)")
     try:
         return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ArtifactError(f"{p}: cannot be read as JSON ({e})") from e
+
+
+def parse(directory: str | os.PathLike[str], name: str, build: Callable[[Any], T]) -> T:
+    """``build(JSON of directory/name)``; a schema error (a missing key, a wrong type, a bad plan entry)
+    becomes an ArtifactError naming the file."""
+    obj = load_json(directory, name)
+    try:
+        return build(obj)
+    except ArtifactError:
+        raise
+    except (LowbitError, KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise ArtifactError(f"{Path(directory) / name}: not a valid {name} ({type(e).__name__}: {e})") from e

@@ -153,6 +153,12 @@ class EntropyObserver(HistogramObserver):
         if self.radius == 0.0:
             return self.min_val, self.max_val
         h, width = self._abs_hist()
+        # a spike at zero (ReLU outputs, padding, an all-zero batch) would dominate the KL: merging it with
+        # its neighbours into one quantized bin smears it, so every wider threshold looks worse and the
+        # search clips far too tight. Count the zero bin like its neighbour (NVIDIA pytorch-quantization's
+        # _compute_amax_entropy does the same: bins[0] = bins[1]).
+        h = h.copy()
+        h[0] = h[1]
         n = h.size
         best_i, best_kl = n, np.inf
         for i in range(min(self.levels, n), n + 1):

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Iterator, Mapping
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import onnx
 import torch
 
 import lowbit
-from lowbit.errors import ArtifactError
+from lowbit.errors import ArtifactError, BackendNotAvailable
 from lowbit.runtime import artifact
-from lowbit.runtime.engines import int8_share, make_runner
+from lowbit.runtime.engines import RUNNERS, int8_share, make_runner
 from lowbit.runtime.model import CompiledModel
 from lowbit.runtime.report import Report
 from lowbit.runtime.signature import Signature
@@ -23,6 +23,7 @@ from lowbit.runtime.spec import Plan
 
 EXTERNAL_DATA_BYTES = 2 * 1024**3
 MODEL_FILE = "model.onnx"
+ONNX_TARGETS = ("onnxruntime-int8", "openvino-int8")  # the targets whose artifacts are kind "onnx"
 
 
 def write_model(model: onnx.ModelProto, path: Path) -> None:
@@ -41,7 +42,8 @@ def engine_section(runner: Any, weights: Mapping[str, str], macs: Mapping[str, i
 
 def make_compiled(target: str, engine: str, model_dir: Path, signature: Signature, plan: Plan, report: Report,
                   state: dict[str, Any], threads: int) -> CompiledModel:
-    runner = make_runner(engine, model_dir / MODEL_FILE, signature, threads)
+    engine_options = {"static_shapes": state["static_shapes"]} if state.get("static_shapes") else {}
+    runner = make_runner(engine, model_dir / MODEL_FILE, signature, threads, **engine_options)
     section = engine_section(runner, state["weights"], state["macs"])
     report.sections["engine"] = section
     for row in report.layers:
@@ -79,6 +81,7 @@ def save_onnx_artifact(compiled: CompiledModel, directory: Path) -> None:
                          for s in compiled.signature.inputs},
         "weights": state["weights"],
         "macs": state["macs"],
+        "static_shapes": state.get("static_shapes"),
     }
     artifact.write_artifact(directory, write, manifest)
 
@@ -88,13 +91,104 @@ def load_onnx_artifact(directory: str | os.PathLike[str], manifest: Mapping[str,
     d = Path(directory)
     if manifest.get("kind") != "onnx" or not (d / MODEL_FILE).is_file():
         raise ArtifactError(f"{d}: not an ONNX artifact (kind={manifest.get('kind')!r})")
+    if manifest.get("target") not in ONNX_TARGETS:
+        raise ArtifactError(f"{d}/manifest.json: target {manifest.get('target')!r} does not write ONNX artifacts "
+                            f"(those do: {', '.join(ONNX_TARGETS)})")
     try:
         signature = Signature.from_json(manifest["signature"])
-        plan = Plan.from_json(artifact.load_json(d, "plan.json"))
-        report = Report.from_json(artifact.load_json(d, "report.json"))
         state = {"engine": manifest["engine"], "opset": manifest["opset"], "weights": dict(manifest["weights"]),
-                 "macs": {k: int(v) for k, v in manifest["macs"].items()},
-                 "qparams": artifact.load_tensors(d, "qparams.safetensors")}
+                 "macs": {k: int(v) for k, v in manifest["macs"].items()}}
     except KeyError as e:
         raise ArtifactError(f"{d}/manifest.json: missing field {e.args[0]!r}") from e
-    return make_compiled(manifest["target"], manifest["engine"], d, signature, plan, report, state, threads)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ArtifactError(f"{d}/manifest.json: malformed ({type(e).__name__}: {e})") from e
+    if state["engine"] not in RUNNERS:
+        raise ArtifactError(f"{d}/manifest.json: unknown engine {state['engine']!r}; known: {', '.join(RUNNERS)}")
+    plan = artifact.parse(d, "plan.json", Plan.from_json)
+    report = artifact.parse(d, "report.json", Report.from_json)
+    state["qparams"] = artifact.load_tensors(d, "qparams.safetensors")
+    static = manifest.get("static_shapes")
+    if static is not None:
+        if not (isinstance(static, list) and all(isinstance(s, list) and all(isinstance(n, int) and n > 0 for n in s)
+                                                 for s in static) and len(static) == len(signature.inputs)):
+            raise ArtifactError(f"{d}/manifest.json: static_shapes must be one list of positive ints per input")
+        state["static_shapes"] = static
+    try:
+        return make_compiled(manifest["target"], state["engine"], d, signature, plan, report, state, threads)
+    except (ArtifactError, BackendNotAvailable):
+        raise
+    except Exception as e:  # the engine's own parser and checks (ORT's Fail / InvalidGraph, OpenVINO's errors)
+        raise ArtifactError(f"{d / MODEL_FILE}: {state['engine']} refused the model ({type(e).__name__}: {e})") from e
+
+
+# -- checks before an engine opens the model ------------------------------------------------------------
+
+ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
+               10: "float16", 11: "float64", 16: "bfloat16"}
+
+
+def check_onnx_file(directory: Path, name: str, manifest: Mapping[str, Any]) -> onnx.ModelProto:
+    """Refuse an ONNX file of an artifact before any engine opens it (engines are C++ parsers that follow
+    external-data paths): it must be listed in the (verified) manifest, parse as a model, keep every
+    external-data location a file of this artifact that the manifest lists (so hashed, and inside the
+    directory: no absolute path, no ``..``, no symlink out), and take the signature's inputs."""
+    path = artifact.inside(directory, name)
+    listed = manifest.get("files") or {}
+    if name not in listed:
+        raise ArtifactError(f"{path}: not listed in the manifest (an unverified model is not loaded)")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise ArtifactError(f"{path}: cannot be read as an ONNX model ({type(e).__name__}: {e})") from e
+    if not model.HasField("graph") or not model.opset_import:
+        raise ArtifactError(f"{path}: an ONNX model without a graph or opset imports")
+    base = PurePosixPath(name).parent
+    for tensor in _tensors(model.graph, list(model.functions)):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+        where = f"{path}: tensor {tensor.name!r} has its data in {location!r}"
+        try:
+            rel = base / location
+            if PurePosixPath(location).is_absolute() or os.path.isabs(location):
+                raise ArtifactError("an absolute path")
+            artifact.inside(directory, rel.as_posix(), "external data")
+        except ArtifactError as e:
+            raise ArtifactError(f"{where}, outside the artifact directory: refused ({e})") from None
+        if rel.as_posix() not in listed:
+            raise ArtifactError(f"{where}, which is not listed in the manifest: refused (unverified data)")
+    signature = manifest.get("signature")
+    if name == MODEL_FILE and isinstance(signature, Mapping):
+        _check_inputs(path, model, signature)
+    return model
+
+
+def _tensors(graph: onnx.GraphProto, functions: list[onnx.FunctionProto]) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of a graph: initializers, sparse ones, node attributes, subgraphs, functions."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    nodes = list(graph.node) + [n for f in functions for n in f.node]
+    for node in nodes:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            if a.HasField("sparse_tensor"):
+                yield from (a.sparse_tensor.values, a.sparse_tensor.indices)
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _tensors(g, [])
+
+
+def _check_inputs(path: Path, model: onnx.ModelProto, signature: Mapping[str, Any]) -> None:
+    """The graph's inputs must be the signature's, by name, dtype and rank."""
+    inits = {t.name for t in model.graph.initializer}
+    graph = [(i.name, ONNX_DTYPES.get(i.type.tensor_type.elem_type, str(i.type.tensor_type.elem_type)),
+              len(i.type.tensor_type.shape.dim)) for i in model.graph.input if i.name not in inits]
+    try:
+        sig = [(s["name"], s["dtype"], len(s["shape"])) for s in signature["inputs"]]
+    except (KeyError, TypeError) as e:
+        raise ArtifactError(f"{path.parent / artifact.MANIFEST}: malformed signature ({type(e).__name__}: {e})") from e
+    if graph != sig:
+        raise ArtifactError(f"{path}: the graph takes inputs {graph} (name, dtype, rank) but the manifest's "
+                            f"signature says {sig}")

@@ -61,6 +61,8 @@ class Report:
         if engine:
             parts.append(f"\n{engine['engine']}: {engine['int8_share']:.1%} of the quantized layers' "
                          "multiply-accumulates run in integer kernels")
+            if engine.get("note"):  # e.g. tensorrt-int8 export-only: which engine really runs the calls
+                parts.append(f"{engine['engine']}: {engine['note']}")
         return "\n".join(parts)
 
     def to_json(self) -> dict[str, Any]:

@@ -127,7 +127,10 @@ class Signature:
                     continue
                 lo, hi = self.dim_bounds.get(want, (1, None))
                 if got < lo or (hi is not None and got > hi):
-                    raise error(f"{where}: input {sig.name!r} dim {i} ({want}) is {got}, outside [{lo}, {hi}]")
+                    allowed = f"{want} in [{lo}, {hi}]" if hi is not None else f"{want} >= {lo}"
+                    raise error(f"{where}: input {sig.name!r} dim {i} ({want}) is {got}, outside the range the model "
+                                f"was compiled for: {allowed} (set by compile(dynamic_shapes=...); recompile with "
+                                f"other bounds to accept it)")
                 if want in sizes and sizes[want][0] != got:
                     raise error(f"{where}: dim {want!r} is {got} in {sig.name!r} but {sizes[want][0]} in "
                                 f"{sizes[want][1]!r}")
@@ -165,6 +168,12 @@ class Signature:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Signature:
+        """Raises KeyError / TypeError / ValueError on a malformed signature (an artifact's loader names
+        the file)."""
+        for s in d["inputs"]:
+            if s["dtype"] not in DTYPES or not all(isinstance(x, (int, str)) for x in s["shape"]):
+                raise ValueError(f"input {s.get('name')!r}: dtype {s['dtype']!r} / shape {s['shape']!r} is not a "
+                                 f"tensor signature (dtypes: {', '.join(DTYPES)})")
         return cls(
             inputs=[TensorSig(s["name"], s["dtype"], tuple(s["shape"])) for s in d["inputs"]],
             keywords=d["keywords"],

@@ -128,14 +128,17 @@ class TorchBackend:
             )
         from lowbit.compiler.pipeline import compile_model
 
+        if manifest.get("kind") != "recipe":
+            raise ArtifactError(f"{directory}: not a target='torch' recipe (kind={manifest.get('kind')!r})")
         signature = Signature.from_json(manifest["signature"])
-        plan = Plan.from_json(artifact.load_json(directory, "plan.json"))
+        plan = artifact.parse(directory, "plan.json", Plan.from_json)
         qparams = artifact.load_tensors(directory, "qparams.safetensors")
         tensors = artifact.load_tensors(directory, "example_inputs.safetensors")
         try:
             flat = [tensors[s.name] for s in signature.inputs]
         except KeyError as e:
             raise ArtifactError(f"{directory}/example_inputs.safetensors has no input {e.args[0]!r}") from e
+        signature.check(flat, error=ArtifactError, where=f"{directory}/example_inputs.safetensors")
         example: Any = dict(zip(signature.keywords, flat, strict=True)) if signature.keywords else tuple(flat)
         names = signature.keywords or [s.name for s in signature.inputs]
         dynamic = {n: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)}
@@ -145,7 +148,10 @@ class TorchBackend:
             dynamic_shapes=dynamic, qparams=qparams, dim_bounds=signature.dim_bounds,
             options={**manifest.get("options", {}), **kwargs}, progress=False,
         )
-        saved = Report.from_json(artifact.load_json(directory, "report.json"))
+        if compiled.signature.to_json()["inputs"] != signature.to_json()["inputs"]:
+            raise ArtifactError(f"{directory}: the recipe was made for inputs {signature.to_json()['inputs']}, but the "
+                                f"model re-captured with its example takes {compiled.signature.to_json()['inputs']}")
+        saved = artifact.parse(directory, "report.json", Report.from_json)
         compiled.report.sections.update(saved.sections)
         return compiled
 

@@ -118,6 +118,8 @@ class TritonBackend:
     def load(self, directory: Path, manifest: dict[str, Any], model: torch.nn.Module | None = None,
              **kwargs: Any) -> CompiledModel:
         """Rebuild from the artifact alone (``model`` is not needed and is ignored)."""
+        if manifest.get("kind") != "graph":
+            raise ArtifactError(f"{directory}: not a target='triton' graph artifact (kind={manifest.get('kind')!r})")
         graph = artifact.load_json(directory, GRAPH_FILE)
         tensors = artifact.load_tensors(directory, WEIGHTS_FILE)
         gm = graph_from_json(graph, tensors)
@@ -126,8 +128,8 @@ class TritonBackend:
             config = QuantConfig.from_json(manifest["config"])
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"{directory}/manifest.json: bad signature or config ({e})") from e
-        plan = Plan.from_json(artifact.load_json(directory, "plan.json"))
-        report = Report.from_json(artifact.load_json(directory, "report.json"))
+        plan = artifact.parse(directory, "plan.json", Plan.from_json)
+        report = artifact.parse(directory, "report.json", Report.from_json)
         options = {**manifest.get("options", {}), **kwargs}
         return self._compiled(gm, signature, plan, report, options, config)
 
