@@ -67,3 +67,13 @@ def test_training_mode_batch_norm_is_not_folded():
                         torch.tensor([1.0, 0.0]), torch.tensor([3.0, 0.0]), 1.0)
     assert w.flatten().tolist() == [1.0, 1.0]  # 2 / sqrt(3 + 1)
     assert b.tolist() == pytest.approx([-0.5, 0.0])  # (0 - 1) * 1 + 0.5
+
+
+def test_bn_after_a_one_argument_op_is_left_alone():
+    # found by the random-graph differential test (tests/fuzz_regressions/): the pass read the weight
+    # argument of whatever fed the BN, and a hardswish/relu has none (IndexError)
+    m = randomize_bn(nn.Sequential(nn.Linear(4, 6), nn.Hardswish(), nn.BatchNorm1d(6)))
+    x = torch.randn(3, 4)
+    gm, pm, _ = run_passes(m, (x,), [FoldConvBatchNorm()])
+    assert pm.records[0].stats == {} and count(gm, *BN) == 1
+    assert torch.allclose(call_flat(gm, x), m(x))

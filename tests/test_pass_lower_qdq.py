@@ -71,3 +71,18 @@ def test_float_layers_carry_no_qdq():
                           config=QuantConfig(scheme="float"))
     targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
     assert not any("quantized_decomposed" in str(t) for t in targets)
+
+
+def test_static_conv_bias_sits_on_the_int32_accumulator_grid():
+    # integer convs add the bias as int32 at scale s_x * s_w[c]; the reference rounds it the same way, so
+    # engines agree with it to the code (found by the random-graph differential test: tests/fuzz_regressions/)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)).eval()
+    cal = [(torch.randn(2, 3, 6, 6),) for _ in range(2)]
+    gm, pm, ctx = run_passes(m, cal[0], PASSES, calibration=cal)
+    assert pm.records[-1].stats["conv_biases_on_int32_grid"] == 1
+    conv = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.conv2d.default)
+    bias = getattr(gm, conv.args[2].target)
+    step = ctx.notes["qparams"]["0.input.scale"].double() * ctx.notes["qparams"]["0.weight.scale"].double()
+    codes = bias.double() / step
+    assert torch.allclose(codes, codes.round(), atol=1e-6)
+    assert (bias.double() - m[0].bias.double()).abs().le(step / 2 + 1e-9).all()  # moved by at most half a step

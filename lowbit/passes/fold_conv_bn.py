@@ -90,6 +90,8 @@ class FoldConvBatchNorm(Pass):
     def _foldable_producer(x: object, bn: fx.Node) -> bool:
         if not isinstance(x, fx.Node) or x.op != "call_function" or len(x.users) != 1:
             return False
+        if x.target not in CONVS and x.target is not aten.linear.default:
+            return False  # e.g. a relu or hardswish: one argument, no weight to fold into
         if not isinstance(x.args[1], fx.Node) or x.args[1].op != "get_attr":
             return False
         if x.target in CONVS:

@@ -6,6 +6,8 @@
   through ``dequantize_per_tensor`` / ``dequantize_per_channel`` / ``dequantize_per_channel_group``.
 - A dynamic per-token layer gets ``choose_qparams_per_token -> quantize_per_token -> dequantize_per_token``
   on its input.
+- A static W8A8 conv's bias is put on its int32 accumulator grid, ``round(b / (s_x s_w)) s_x s_w``, as the
+  integer convs of the engines add it (so they agree with this reference to the code).
 
 The qparams go to ``ctx.notes['qparams']`` (what an artifact stores) and a per-layer summary to
 ``ctx.notes['layers']`` (what the report prints). With ``ctx.qparams`` set (re-applying an artifact),
@@ -51,7 +53,7 @@ class LowerQDQ(Pass):
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         qparams: dict[str, torch.Tensor] = ctx.notes.setdefault("qparams", {})
         layers: dict[str, dict[str, Any]] = ctx.notes.setdefault("layers", {})
-        stats = {"act_qdq": 0, "weights_quantized": 0, "dynamic_inputs": 0}
+        stats = {"act_qdq": 0, "weights_quantized": 0, "dynamic_inputs": 0, "conv_biases_on_int32_grid": 0}
         graph = gm.graph
 
         # 1. activations: observers -> Q + one DQ per consumer -----------------------------------------
@@ -88,11 +90,13 @@ class LowerQDQ(Pass):
             w_node = layer.args[1]
             w = attr_tensor(gm, w_node)
             info["weight_shape"] = list(w.shape) if w is not None else None
+            act = spec.activation
             if spec.weight is not None and w is not None:
                 dq = self._lower_weight(gm, layer, name, w, spec.weight, ctx, qparams, info)
                 layer.replace_input_with(w_node, dq)
                 stats["weights_quantized"] += 1
-            act = spec.activation
+                if act is not None and not act.dynamic and QUANTIZABLE[layer.target].startswith("conv"):
+                    stats["conv_biases_on_int32_grid"] += self._round_conv_bias(gm, layer, name, qparams)
             if act is not None and act.dynamic and isinstance(layer.args[0], fx.Node):
                 x = layer.args[0]
                 with graph.inserting_before(layer):
@@ -150,6 +154,25 @@ class LowerQDQ(Pass):
                                     torch.float32), "weight_dq")
         dq.meta["val"] = w
         return dq
+
+    @staticmethod
+    def _round_conv_bias(gm: fx.GraphModule, layer: fx.Node, name: str, qparams: dict[str, torch.Tensor]) -> int:
+        """Put a static W8A8 conv's bias on its int32 accumulator grid: b' = round(b / (s_x s_w)) s_x s_w.
+
+        Integer convs (ONNX Runtime's QLinearConv, TensorRT's int8 conv) add the bias as int32 at scale
+        s_x * s_w[c], and requantize the sum: a float bias would put the reference half a bias step off
+        the engines, enough to flip an output code now and then (5 in 10,000 on ORT). Linear engines add the
+        bias in float after the int32 GEMM (MatMulIntegerToFloat), so linear biases stay as they are.
+        Returns 1 if the bias was rounded."""
+        x = layer.args[0]
+        bias = layer.args[2] if len(layer.args) > 2 else None
+        b = attr_tensor(gm, bias)
+        if b is None or not (isinstance(x, fx.Node) and x.target is qd.dequantize_per_tensor.default):
+            return 0
+        step = float(x.args[1]) * qparams[f"{name}.weight.scale"].double()  # per output channel
+        rounded = (torch.round(b.double() / step) * step).to(b.dtype)
+        layer.replace_input_with(bias, constant_node(gm, f"{name}_bias_int32_grid", rounded, layer))
+        return 1
 
     def postconditions(self, gm: fx.GraphModule, ctx: PassContext) -> list[str]:
         problems = [f"observer {n.name} was not lowered" for n, _ in observer_nodes(gm)]
