@@ -58,32 +58,38 @@ def make_compiled(target: str, engine: str, model_dir: Path, signature: Signatur
 
 def save_onnx_artifact(compiled: CompiledModel, directory: Path) -> None:
     state = compiled.state
-    src: Path = state["model_dir"]
+    manifest = {**base_manifest(compiled, "onnx"), "engine": state["engine"],
+                "static_shapes": state.get("static_shapes")}
+    artifact.write_artifact(directory, lambda tmp: write_files(compiled, tmp), manifest)
 
-    def write(tmp: Path) -> None:
-        for f in src.iterdir():
-            if f.name.startswith(MODEL_FILE):
-                shutil.copyfile(f, tmp / f.name)
-        artifact.write_json(tmp / "plan.json", compiled.plan)
-        artifact.save_tensors(tmp / "qparams.safetensors", state.get("qparams") or {"_empty": torch.zeros(0)})
-        artifact.write_json(tmp / "report.json", compiled.report.to_json())
 
-    manifest = {
+def write_files(compiled: CompiledModel, tmp: Path, extra: tuple[str, ...] = ()) -> None:
+    """What every ONNX-based artifact holds: the model (and its external data), the files named in
+    ``extra`` from the build directory, plan.json, qparams.safetensors and report.json."""
+    state = compiled.state
+    for f in Path(state["model_dir"]).iterdir():
+        if f.name.startswith(MODEL_FILE) or f.name in extra:
+            shutil.copyfile(f, tmp / f.name)
+    artifact.write_json(tmp / "plan.json", compiled.plan)
+    artifact.save_tensors(tmp / "qparams.safetensors", state.get("qparams") or {"_empty": torch.zeros(0)})
+    artifact.write_json(tmp / "report.json", compiled.report.to_json())
+
+
+def base_manifest(compiled: CompiledModel, kind: str) -> dict[str, Any]:
+    """The manifest fields every ONNX-based artifact shares (the writer adds the file hashes)."""
+    state, sig = compiled.state, compiled.signature
+    return {
         "lowbit_version": lowbit.__version__,
         "target": compiled.target,
-        "kind": "onnx",
-        "engine": state["engine"],
+        "kind": kind,
         "opset": state["opset"],
-        "signature": compiled.signature.to_json(),
-        "inputs": [s.to_json() for s in compiled.signature.inputs],
-        "outputs": compiled.signature.outputs,
-        "dynamic_dims": {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)}
-                         for s in compiled.signature.inputs},
+        "signature": sig.to_json(),
+        "inputs": [s.to_json() for s in sig.inputs],
+        "outputs": sig.outputs,
+        "dynamic_dims": {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in sig.inputs},
         "weights": state["weights"],
         "macs": state["macs"],
-        "static_shapes": state.get("static_shapes"),
     }
-    artifact.write_artifact(directory, write, manifest)
 
 
 def load_onnx_artifact(directory: str | os.PathLike[str], manifest: Mapping[str, Any], *, threads: int = 2,

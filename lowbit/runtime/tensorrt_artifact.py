@@ -16,19 +16,21 @@ Loading needs only the runtime, never the compiler.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
-import lowbit
 from lowbit.errors import ArtifactError, InputError, LowbitError
 from lowbit.runtime import artifact
-from lowbit.runtime.engines import OrtRunner
+from lowbit.runtime.engines import OrtRunner, int8_share
 from lowbit.runtime.model import CompiledModel
-from lowbit.runtime.onnx_artifact import MODEL_FILE, check_onnx_file, engine_section
+from lowbit.runtime.onnx_artifact import (
+    MODEL_FILE,
+    base_manifest,
+    check_onnx_file,
+    engine_section,
+    write_files,
+)
 from lowbit.runtime.report import Report
 from lowbit.runtime.signature import Signature
 from lowbit.runtime.spec import Plan
@@ -57,7 +59,7 @@ def make_tensorrt_compiled(target: str, model_dir: Path, signature: Signature, p
         section = {"engine": "tensorrt", "layers": runner.int8_layers(state["weights"]),
                    "note": f"TensorRT {meta.get('tensorrt_version')} on {meta.get('gpu_name')}; kernels from the "
                            "engine inspector"}
-        section["int8_share"] = _share(section["layers"], state["macs"])
+        section["int8_share"] = int8_share(section["layers"], state["macs"])
     else:
         runner = OrtRunner(model_dir / MODEL_FILE, signature, threads)
         section = engine_section(runner, state["weights"], state["macs"])
@@ -74,41 +76,12 @@ def make_tensorrt_compiled(target: str, model_dir: Path, signature: Signature, p
     return compiled
 
 
-def _share(layers: Mapping[str, Mapping[str, Any]], macs: Mapping[str, int]) -> float:
-    total = sum(macs.get(k, 0) for k in layers)
-    return sum(macs.get(k, 0) for k, v in layers.items() if v["int8"]) / total if total else 0.0
-
-
 def save_tensorrt_artifact(compiled: CompiledModel, directory: Path) -> None:
-    state = compiled.state
-    src: Path = state["model_dir"]
-    meta = dict(state["tensorrt"])
-
-    def write(tmp: Path) -> None:
-        for f in src.iterdir():
-            if f.name.startswith(MODEL_FILE) or f.name in (CONFORMANCE_FILE, TIMING_CACHE_FILE) or (
-                    f.name == ENGINE_FILE and meta.get("engine_file")):
-                shutil.copyfile(f, tmp / f.name)
-        artifact.write_json(tmp / "plan.json", compiled.plan)
-        artifact.save_tensors(tmp / "qparams.safetensors", state.get("qparams") or {"_empty": torch.zeros(0)})
-        artifact.write_json(tmp / "report.json", compiled.report.to_json())
-
-    manifest = {
-        "lowbit_version": lowbit.__version__,
-        "target": compiled.target,
-        "kind": KIND,
-        "engine": "tensorrt" if meta.get("engine_file") else None,
-        "opset": state["opset"],
-        "signature": compiled.signature.to_json(),
-        "inputs": [s.to_json() for s in compiled.signature.inputs],
-        "outputs": compiled.signature.outputs,
-        "dynamic_dims": {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)}
-                         for s in compiled.signature.inputs},
-        "weights": state["weights"],
-        "macs": state["macs"],
-        "tensorrt": meta,
-    }
-    artifact.write_artifact(directory, write, manifest)
+    meta = dict(compiled.state["tensorrt"])
+    extra = (CONFORMANCE_FILE, TIMING_CACHE_FILE) + ((ENGINE_FILE,) if meta.get("engine_file") else ())
+    manifest = {**base_manifest(compiled, KIND), "engine": "tensorrt" if meta.get("engine_file") else None,
+                "tensorrt": meta}
+    artifact.write_artifact(directory, lambda tmp: write_files(compiled, tmp, extra), manifest)
 
 
 def load_tensorrt_artifact(directory: str | os.PathLike[str], manifest: Mapping[str, Any], *, threads: int = 2,
