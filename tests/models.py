@@ -62,6 +62,12 @@ def tiny_bert(seed: int = 0, layers: int = 2, hidden: int = 64):
     return BertModel(cfg).eval()
 
 
+def cnn_cal(n: int = 6) -> list[tuple[torch.Tensor]]:
+    """``n`` seeded calibration batches of 8 x 1 x 16 x 16 for SmallResNet."""
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 1, 16, 16, generator=g),) for _ in range(n)]
+
+
 def bert_batch(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, 120, (batch, seq), generator=g)

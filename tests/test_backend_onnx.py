@@ -20,7 +20,7 @@ from torch import nn
 import lowbit
 from lowbit.runtime.qparams import sqnr
 
-from models import SmallResNet, bert_batch, randomize_bn, tiny_bert
+from models import bert_batch, cnn_cal
 
 BERT_DYN = {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}
 ENGINES = [
@@ -29,22 +29,6 @@ ENGINES = [
     pytest.param("openvino-int8", marks=pytest.mark.skipif(
         importlib.util.find_spec("openvino") is None, reason="openvino is not installed (extra 'openvino')")),
 ]
-
-
-def cnn_cal(n=6):
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(8, 1, 16, 16, generator=g),) for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def cnn():
-    torch.manual_seed(0)
-    return randomize_bn(SmallResNet())
-
-
-@pytest.fixture(scope="module")
-def bert():
-    return tiny_bert()
 
 
 @pytest.fixture(scope="module", params=ENGINES)

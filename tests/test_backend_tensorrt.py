@@ -25,7 +25,7 @@ from lowbit.runtime.qparams import sqnr
 from lowbit.runtime.signature import Signature, TensorSig
 from lowbit.runtime.tensorrt_engine import check_profile
 
-from models import SmallResNet, randomize_bn
+from models import cnn_cal
 
 EXPORT_FILES = {"model.onnx", "conformance.json", "plan.json", "qparams.safetensors", "report.json"}
 NO_ENGINE = unavailable_reason()  # None where TensorRT and a GPU are present
@@ -35,20 +35,9 @@ without_tensorrt = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is no
                                       reason="TensorRT is installed: this checks the error without it")
 
 
-def cnn_cal(n=4):
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(8, 1, 16, 16, generator=g),) for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def cnn():
-    torch.manual_seed(0)
-    return randomize_bn(SmallResNet())
-
-
 @pytest.fixture(scope="module")
 def exported(cnn):
-    return lowbit.compile(cnn, cnn_cal(1)[0], target="tensorrt-int8", calibration=cnn_cal(), export_only=True,
+    return lowbit.compile(cnn, cnn_cal(1)[0], target="tensorrt-int8", calibration=cnn_cal(4), export_only=True,
                           progress=False)
 
 
@@ -62,7 +51,7 @@ def test_backend_unavailable_is_the_old_name_too():
 def test_compile_without_tensorrt_writes_the_export_and_raises(cnn, tmp_path, monkeypatch):
     monkeypatch.delenv("LOWBIT_DUMP_DIR", raising=False)
     with pytest.raises(lowbit.BackendNotAvailable) as info:  # the old name catches it
-        lowbit.compile(cnn, cnn_cal(1)[0], target="tensorrt-int8", calibration=cnn_cal(), progress=False,
+        lowbit.compile(cnn, cnn_cal(1)[0], target="tensorrt-int8", calibration=cnn_cal(4), progress=False,
                        dump_dir=tmp_path / "dumps")
     err = info.value
     assert isinstance(err, lowbit.BackendUnavailable)
@@ -226,7 +215,7 @@ def test_options_and_schemes_are_checked(cnn):
 
 
 def test_residual_qdq_can_be_switched_off(cnn):
-    q = lowbit.compile(cnn, cnn_cal(1)[0], target="tensorrt-int8", calibration=cnn_cal(), progress=False,
+    q = lowbit.compile(cnn, cnn_cal(1)[0], target="tensorrt-int8", calibration=cnn_cal(4), progress=False,
                        export_only=True, residual_qdq=False)
     assert q.report.sections["tensorrt"]["residual_qdq"]["fired"] == 0
     assert q.report.sections["tensorrt"]["violations"] == []
@@ -239,7 +228,7 @@ def test_residual_qdq_can_be_switched_off(cnn):
 
 @needs_engine
 def test_engine_builds_runs_and_round_trips(cnn, exported, tmp_path):
-    q = lowbit.compile(cnn, cnn_cal(1)[0], target="tensorrt-int8", calibration=cnn_cal(), progress=False)
+    q = lowbit.compile(cnn, cnn_cal(1)[0], target="tensorrt-int8", calibration=cnn_cal(4), progress=False)
     meta = q.state["tensorrt"]
     assert meta["engine_file"] == "engine.plan" and meta["strongly_typed"]
     assert meta["gpu_name"] == torch.cuda.get_device_name() and meta["tensorrt_version"]

@@ -29,29 +29,13 @@ from lowbit.backends.tensorrt.conformance import OPSET_MAX, RULES, ConformanceRe
 from lowbit.cli import main as cli_main
 from lowbit.runtime.qparams import sqnr
 
-from models import SmallResNet, bert_batch, randomize_bn, tiny_bert
+from models import bert_batch, cnn_cal
 
 BERT_DYN = {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}
 
 
-def cnn_cal(n=6):
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(8, 1, 16, 16, generator=g),) for _ in range(n)]
-
-
 def bert_cal():
     return [bert_batch(4, 16, i) for i in range(1, 6)]
-
-
-@pytest.fixture(scope="module")
-def cnn():
-    torch.manual_seed(0)
-    return randomize_bn(SmallResNet())
-
-
-@pytest.fixture(scope="module")
-def bert():
-    return tiny_bert()
 
 
 @pytest.fixture(scope="module")
