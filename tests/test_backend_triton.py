@@ -16,12 +16,9 @@ float32 arithmetic. The tolerances, as SQNR of the triton output against the tor
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import os
 import sys
 import time
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -35,10 +32,10 @@ import lowbit  # noqa: E402
 from lowbit.backends.registry import get_backend  # noqa: E402
 from lowbit.backends.triton.ops import OPS  # noqa: E402
 from lowbit.compiler import meta  # noqa: E402
-from lowbit.compiler.capture import Captured  # noqa: E402
 from lowbit.config import QuantConfig  # noqa: E402
 from lowbit.runtime.qparams import sqnr  # noqa: E402
 
+from helpers import capture_cache  # noqa: E402
 from models import SmallResNet, bert_batch, randomize_bn, tiny_bert  # noqa: E402
 
 BERT_DYN = {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}
@@ -72,28 +69,9 @@ def lowbit_op_counts(gm: torch.fx.GraphModule) -> Counter:
 
 @pytest.fixture(scope="module", autouse=True)
 def capture_once():
-    """Capture each model once for the whole module and hand every compile a deep copy.
-
-    torch.export is ~3 s of every compile here (the passes take ~0.3 s) and its result does not depend
-    on the target or the scheme; a copy is 25 ms. The pipeline is otherwise run unchanged.
-    """
-    from lowbit.compiler import pipeline
-
-    cache: dict[tuple, Captured] = {}
-    real = pipeline.capture
-
-    def capture(model, example_inputs, dynamic_shapes=None, dim_bounds=None):
-        shapes = [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(example_inputs)]
-        key = (id(model), repr(shapes), repr(dynamic_shapes), repr(dim_bounds))
-        if key not in cache:
-            cache[key] = real(model, example_inputs, dynamic_shapes, dim_bounds)
-        c = cache[key]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # pytree's LeafSpec deprecation, from deepcopy
-            return dataclasses.replace(c, gm=copy.deepcopy(c.gm))
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline, "capture", capture)
+    """Capture each model once for the whole module and hand every compile a deep copy (helpers.capture_cache):
+    torch.export is ~3 s of every compile here (the passes take ~0.3 s) and does not depend on the target."""
+    with capture_cache():
         yield
 
 
