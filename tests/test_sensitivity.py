@@ -19,19 +19,19 @@ def data(n, seed=0):
     return [(torch.randn(16, 16, generator=g),) for _ in range(n)]
 
 
-def calibrated(model, cal):
-    cfg = QuantConfig(smoothquant=False, target_sqnr_db=None)
-    gm, _, ctx = run_passes(model, cal[0], [Canonicalize(), FuseLinearBias(), FuseActivation(), Annotate(),
-                                            InsertObservers(), Calibrate()], config=cfg, calibration=cal)
-    return gm, ctx, cfg
-
-
-def test_probe_toggles_layers_and_matches_the_lowered_model():
+def probed():
+    """ChannelOutlier, 4 calibration batches, and a Probe over its calibrated (unlowered) graph."""
     torch.manual_seed(0)
     model = ChannelOutlier().eval()
     cal = data(4)
-    gm, ctx, cfg = calibrated(model, cal)
-    probe = Probe(gm, cfg)
+    cfg = QuantConfig(smoothquant=False, target_sqnr_db=None)
+    gm, _, _ = run_passes(model, cal[0], [Canonicalize(), FuseLinearBias(), FuseActivation(), Annotate(),
+                                          InsertObservers(), Calibrate()], config=cfg, calibration=cal)
+    return model, cal, Probe(gm, cfg)
+
+
+def test_probe_toggles_layers_and_matches_the_lowered_model():
+    model, cal, probe = probed()
     x = cal[0][0]
     probe.set({})
     assert torch.allclose(probe(x)[0], model(x), atol=1e-5)  # all float: the float model
@@ -44,11 +44,7 @@ def test_probe_toggles_layers_and_matches_the_lowered_model():
 
 
 def test_planted_outlier_layer_is_the_most_sensitive():
-    torch.manual_seed(0)
-    model = ChannelOutlier().eval()
-    cal = data(4)
-    gm, ctx, cfg = calibrated(model, cal)
-    probe = Probe(gm, cfg)
+    model, cal, probe = probed()
     fid = SqnrFidelity(probe, [list(b) for b in cal[:2]], target=0.0)
     sens = analyze(probe, {"first": "w8a8", "mid": "w8a8", "last": "w8a8"}, fid, {}, progress=False)
     assert [r.layer for r in sens.layers][0] == "mid"

@@ -48,6 +48,7 @@ from lowbit.compiler.graph import QUANTIZABLE, attr_tensor
 from lowbit.config import QuantConfig
 from lowbit.runtime.observers import Observer
 from lowbit.runtime.qparams import PER_TOKEN_EPS, dequantize_weight, quantize_weight
+from lowbit.runtime.report import json_safe
 from lowbit.runtime.spec import LayerSpec, QuantSpec, scheme_spec
 
 FLOAT = "float"
@@ -345,7 +346,7 @@ class Sensitivity:
         return self.table()
 
     def to_json(self) -> dict[str, Any]:
-        return _clean({"metric": self.metric, "unit": self.unit, "all_quantized": self.all_quantized,
+        return json_safe({"metric": self.metric, "unit": self.unit, "all_quantized": self.all_quantized,
                        "float_value": self.float_value, "evaluations": self.evaluations,
                        "layers": [asdict(r) for r in self.layers]})
 
@@ -427,12 +428,3 @@ def _finite(v: float, cap: float = 1e3) -> float:
 def _fmt(v: float) -> str:
     return "inf" if math.isinf(v) and v > 0 else f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}"
 
-
-def _clean(v: Any) -> Any:
-    if isinstance(v, float) and (math.isinf(v) or math.isnan(v)):
-        return str(v)
-    if isinstance(v, Mapping):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    return v

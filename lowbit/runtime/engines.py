@@ -107,12 +107,13 @@ class OpenVinoRunner:
         self.signature = signature
         core = ov.Core()
         config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
-        self.compiled = core.compile_model(core.read_model(str(model_path)), "CPU", config)
+        model = core.read_model(str(model_path))
+        self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.inputs = [p.get_any_name() for p in self.compiled.inputs]
         self.static_key: tuple[tuple[int, ...], ...] | None = None
         if static_shapes is not None:
-            model = core.read_model(str(model_path))
+            model = model.clone()  # reshape a copy: the dynamic model above stays as read
             self.static_key = tuple(tuple(int(d) for d in s) for s in static_shapes)
             model.reshape({p.get_any_name(): list(s) for p, s in zip(model.inputs, self.static_key, strict=True)})
             self.static = core.compile_model(model, "CPU", config)

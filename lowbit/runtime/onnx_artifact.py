@@ -33,23 +33,27 @@ def write_model(model: onnx.ModelProto, path: Path) -> None:
                     location=path.name + ".data" if large else None)
 
 
-def engine_section(runner: Any, weights: Mapping[str, str], macs: Mapping[str, int]) -> dict[str, Any]:
+def report_engine(report: Report, runner: Any, weights: Mapping[str, str], macs: Mapping[str, int],
+                  **extra: Any) -> dict[str, Any]:
+    """The proof that int8 runs: per layer the engine's kernel and MACs, the int8 share of the MACs, into
+    ``report.sections["engine"]`` and the report's per-layer rows."""
     layers = runner.int8_layers(weights)
     for layer, v in layers.items():
         v["macs"] = int(macs.get(layer, 0))
-    return {"engine": runner.engine, "int8_share": int8_share(layers, macs), "layers": layers}
+    section = {"engine": runner.engine, "int8_share": int8_share(layers, macs), "layers": layers, **extra}
+    report.sections["engine"] = section
+    for row in report.layers:
+        k = layers.get(row["layer"])
+        if k is not None:
+            row["kernel"], row["int8"] = k["kernel"], k["int8"]
+    return section
 
 
 def make_compiled(target: str, engine: str, model_dir: Path, signature: Signature, plan: Plan, report: Report,
                   state: dict[str, Any], threads: int) -> CompiledModel:
     engine_options = {"static_shapes": state["static_shapes"]} if state.get("static_shapes") else {}
     runner = make_runner(engine, model_dir / MODEL_FILE, signature, threads, **engine_options)
-    section = engine_section(runner, state["weights"], state["macs"])
-    report.sections["engine"] = section
-    for row in report.layers:
-        k = section["layers"].get(row["layer"])
-        if k is not None:
-            row["kernel"], row["int8"] = k["kernel"], k["int8"]
+    report_engine(report, runner, state["weights"], state["macs"])
     compiled = CompiledModel(target, runner, signature, plan, report, save_onnx_artifact,
                              options={"threads": threads, "engine": engine})
     compiled.state = {**state, "model_dir": model_dir, "runner": runner}
@@ -110,6 +114,7 @@ def load_onnx_artifact(directory: str | os.PathLike[str], manifest: Mapping[str,
         raise ArtifactError(f"{d}/manifest.json: malformed ({type(e).__name__}: {e})") from e
     if state["engine"] not in RUNNERS:
         raise ArtifactError(f"{d}/manifest.json: unknown engine {state['engine']!r}; known: {', '.join(RUNNERS)}")
+    check_onnx_file(d, MODEL_FILE, manifest)  # before the engine (a C++ parser) opens it
     plan = artifact.parse(d, "plan.json", Plan.from_json)
     report = artifact.parse(d, "report.json", Report.from_json)
     state["qparams"] = artifact.load_tensors(d, "qparams.safetensors")

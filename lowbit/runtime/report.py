@@ -14,6 +14,17 @@ COLUMNS = [
 ]
 
 
+def json_safe(v: Any) -> Any:
+    """A copy strict JSON can hold: non-finite floats (an all-float SQNR is inf) become "inf"/"nan"."""
+    if isinstance(v, float) and (math.isinf(v) or math.isnan(v)):
+        return str(v)
+    if isinstance(v, Mapping):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    return v
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"
@@ -66,16 +77,8 @@ class Report:
         return "\n".join(parts)
 
     def to_json(self) -> dict[str, Any]:
-        def clean(v: Any) -> Any:
-            if isinstance(v, float) and (math.isinf(v) or math.isnan(v)):
-                return str(v)
-            if isinstance(v, Mapping):
-                return {k: clean(x) for k, x in v.items()}
-            if isinstance(v, (list, tuple)):
-                return [clean(x) for x in v]
-            return v
-
-        return clean({"target": self.target, "layers": self.layers, "passes": self.passes, "sections": self.sections})
+        return json_safe({"target": self.target, "layers": self.layers, "passes": self.passes,
+                          "sections": self.sections})
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Report:

@@ -22,13 +22,13 @@ from typing import Any
 
 from lowbit.errors import ArtifactError, InputError, LowbitError
 from lowbit.runtime import artifact
-from lowbit.runtime.engines import OrtRunner, int8_share
+from lowbit.runtime.engines import OrtRunner
 from lowbit.runtime.model import CompiledModel
 from lowbit.runtime.onnx_artifact import (
     MODEL_FILE,
     base_manifest,
     check_onnx_file,
-    engine_section,
+    report_engine,
     write_files,
 )
 from lowbit.runtime.report import Report
@@ -56,20 +56,12 @@ def make_tensorrt_compiled(target: str, model_dir: Path, signature: Signature, p
                             f"build one: lowbit.backends.tensorrt.rebuild_engine({str(model_dir)!r})")
     if use_engine:
         runner: Any = TensorRTRunner(model_dir, signature, meta)
-        section = {"engine": "tensorrt", "layers": runner.int8_layers(state["weights"]),
-                   "note": f"TensorRT {meta.get('tensorrt_version')} on {meta.get('gpu_name')}; kernels from the "
-                           "engine inspector"}
-        section["int8_share"] = int8_share(section["layers"], state["macs"])
+        note = f"TensorRT {meta.get('tensorrt_version')} on {meta.get('gpu_name')}; kernels from the engine inspector"
     else:
         runner = OrtRunner(model_dir / MODEL_FILE, signature, threads)
-        section = engine_section(runner, state["weights"], state["macs"])
         why = meta.get("not_built") or ("engine='onnxruntime'" if meta.get("engine_file") else "export_only")
-        section["note"] = EXPORT_ONLY_NOTE.format(why=why)
-    report.sections["engine"] = section
-    for row in report.layers:
-        k = section["layers"].get(row["layer"])
-        if k is not None:
-            row["kernel"], row["int8"] = k["kernel"], k["int8"]
+        note = EXPORT_ONLY_NOTE.format(why=why)
+    report_engine(report, runner, state["weights"], state["macs"], note=note)
     compiled = CompiledModel(target, runner, signature, plan, report, save_tensorrt_artifact,
                              options={"threads": threads, "engine": runner.engine})
     compiled.state = {**state, "model_dir": model_dir, "runner": runner, "engine": runner.engine}
