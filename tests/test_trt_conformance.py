@@ -25,6 +25,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import lowbit
+from lowbit.backends.onnx.qdq_rules import set_node_attr
 from lowbit.backends.tensorrt.conformance import OPSET_MAX, RULES, ConformanceReport, check_model
 from lowbit.cli import main as cli_main
 from lowbit.runtime.qparams import sqnr
@@ -151,13 +152,6 @@ def _add_init(model: onnx.ModelProto, array: np.ndarray, name: str) -> str:
     return name
 
 
-def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
-    for a in list(node.attribute):
-        if a.name == name:
-            node.attribute.remove(a)
-    node.attribute.append(helper.make_attribute(name, value))
-
-
 def _init(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
     return next(t for t in model.graph.initializer if t.name == name)
 
@@ -198,13 +192,13 @@ def break_scale_not_constant(m):
 
 def break_conv_weight_axis(m):
     dq = _node(m, lambda n: n.name == "layer1.conv1/weight_dq")  # weight [16, 16, 3, 3]: channels on axis 0
-    _set_attr(dq, "axis", 1)
+    set_node_attr(dq, "axis", 1)
     return "weight-axis", dq.name
 
 
 def break_matmul_weight_axis(m):
     dq = _node(m, lambda n: n.name == "fc/weight_dq")  # MatMul B [K=32, N=10]: channels on axis 1
-    _set_attr(dq, "axis", 0)
+    set_node_attr(dq, "axis", 0)
     return "weight-axis", dq.name
 
 
@@ -221,13 +215,13 @@ def break_activation_per_channel(m):
     q = _act_q(m)
     q.input[1] = _add_init(m, np.full(16, 0.02, np.float32), "per_channel_scale")
     q.input[2] = _add_init(m, np.zeros(16, np.int8), "per_channel_zp")
-    _set_attr(q, "axis", 1)
+    set_node_attr(q, "axis", 1)
     return "activation-per-channel", q.name
 
 
 def break_blocked(m):
     dq = _node(m, lambda n: n.name == "fc/weight_dq")
-    _set_attr(dq, "block_size", 2)
+    set_node_attr(dq, "block_size", 2)
     return "blocked-quantization", dq.name
 
 

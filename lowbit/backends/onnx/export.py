@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import onnx
@@ -55,10 +56,13 @@ def _example(signature: Signature) -> tuple[torch.Tensor, ...]:
 
 
 def export_onnx(gm: fx.GraphModule, signature: Signature, weight_layers: dict[str, str] | None = None,
-                custom_translations: dict[Any, Any] | None = None,
-                opset: int = OPSET) -> tuple[onnx.ModelProto, dict[str, Any]]:
+                custom_translations: dict[Any, Any] | None = None, opset: int = OPSET,
+                engine_rules: Callable[[onnx.ModelProto], dict[str, int]] | None = None,
+                ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The lowered GraphModule as an ONNX QDQ model, plus rewrite stats and ``weights``: layer -> the
-    name of its int8 weight initializer. ``weight_layers`` maps weight buffer names to layer names."""
+    name of its int8 weight initializer. ``weight_layers`` maps weight buffer names to layer names.
+    ``engine_rules`` rewrites the named model in place for one engine (its stats join the shared rules');
+    the model is checked once, after it."""
     names = [s.name for s in signature.inputs]
     try:
         with warnings.catch_warnings(), _quiet():
@@ -74,6 +78,8 @@ def export_onnx(gm: fx.GraphModule, signature: Signature, weight_layers: dict[st
     model, stats, problems = apply_rules(model)
     stats["qdq_placement_problems"] = len(problems)
     weights = name_layer_nodes(model, weight_layers or {})
+    if engine_rules is not None:
+        stats.update(engine_rules(model))
     onnx.checker.check_model(model, full_check=True)
     return model, {"rules": stats, "problems": problems, "weights": weights}
 

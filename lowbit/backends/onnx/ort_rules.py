@@ -20,7 +20,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from lowbit.backends.onnx.qdq_rules import Graph, remove_dead_nodes, toposort
+from lowbit.backends.onnx.qdq_rules import Graph, node_attr, remove_dead_nodes, toposort
 
 MS_DOMAIN = "com.microsoft"
 
@@ -38,7 +38,7 @@ def _match(g: Graph, mm: onnx.NodeProto, prod: dict[str, onnx.NodeProto],
     w, w_scale = g.array(dw.input[0]), g.array(dw.input[1])
     if w is None or w.ndim != 2 or w_scale is None or w_scale.ndim > 1:
         return "the weight is not a 2-D tensor with a per-tensor or per-column scale"
-    if w_scale.ndim == 1 and w_scale.size > 1 and int(next((a.i for a in dw.attribute if a.name == "axis"), 1)) % 2 != 1:
+    if w_scale.ndim == 1 and w_scale.size > 1 and int(node_attr(dw, "axis", 1)) % 2 != 1:
         return "the weight scale is not per output column (axis 1)"
     if len(dw.input) > 2 and dw.input[2]:
         zp = g.array(dw.input[2])

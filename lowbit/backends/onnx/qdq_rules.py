@@ -73,14 +73,14 @@ class Graph:
         return name
 
 
-def _attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
+def node_attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
     for a in node.attribute:
         if a.name == name:
             return helper.get_attribute_value(a)
     return default
 
 
-def _set_attr(node: onnx.NodeProto, name: str, value: object) -> None:
+def set_node_attr(node: onnx.NodeProto, name: str, value: object) -> None:
     for a in list(node.attribute):
         if a.name == name:
             node.attribute.remove(a)
@@ -98,7 +98,7 @@ def _transposed_weight_dq(g: Graph, dq: onnx.NodeProto, w: np.ndarray, output: s
     inputs = [g.add_initializer(np.ascontiguousarray(w.T), dq.input[0] + "_t"), *dq.input[1:]]
     new_dq = helper.make_node("DequantizeLinear", inputs, [output], name=g.unique(dq.name + "_t"))
     if per_channel:
-        new_dq.attribute.append(helper.make_attribute("axis", 1 - int(_attr(dq, "axis", 1)) % 2))
+        new_dq.attribute.append(helper.make_attribute("axis", 1 - int(node_attr(dq, "axis", 1)) % 2))
     return new_dq
 
 
@@ -110,7 +110,7 @@ def fold_weight_transpose(g: Graph) -> int:
             continue
         dq = prod.get(tr.input[0])
         w = g.array(dq.input[0]) if _weight_dq(g, dq) else None
-        if w is None or w.ndim != 2 or list(_attr(tr, "perm", [1, 0])) != [1, 0]:
+        if w is None or w.ndim != 2 or list(node_attr(tr, "perm", [1, 0])) != [1, 0]:
             continue
         if len(cons[dq.output[0]]) != 1:
             continue
@@ -127,13 +127,13 @@ def gemm_to_matmul(g: Graph) -> int:
     prod = g.producers()
     fired = 0
     for gemm in list(g.g.node):
-        if gemm.op_type != "Gemm" or _attr(gemm, "transA", 0) or float(_attr(gemm, "alpha", 1.0)) != 1.0:
+        if gemm.op_type != "Gemm" or node_attr(gemm, "transA", 0) or float(node_attr(gemm, "alpha", 1.0)) != 1.0:
             continue
         dq = prod.get(gemm.input[1])
-        if not _weight_dq(g, dq) or float(_attr(gemm, "beta", 1.0)) != 1.0:
+        if not _weight_dq(g, dq) or float(node_attr(gemm, "beta", 1.0)) != 1.0:
             continue
         w = g.array(dq.input[0])
-        if _attr(gemm, "transB", 0):
+        if node_attr(gemm, "transB", 0):
             new_dq = _transposed_weight_dq(g, dq, w, g.unique(dq.output[0] + "_t"))
             b_input = new_dq.output[0]
             extra = [new_dq]

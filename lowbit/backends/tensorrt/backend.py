@@ -72,9 +72,14 @@ class TensorRTBackend:
         signature = ctx.notes["signature"]
         layers = ctx.notes.get("layers", {})
         weight_layers = {v["weight_attr"]: k for k, v in layers.items() if "weight_attr" in v}
-        model, info = export_onnx(gm, signature, weight_layers, None, TRT_OPSET)
-        model, trt_stats, trt_skips = apply_trt_rules(model, residual_qdq=bool(options.get("residual_qdq", True)))
-        onnx.checker.check_model(model, full_check=True)
+        trt_skips: list[str] = []
+
+        def trt_rules(m: onnx.ModelProto) -> dict[str, int]:
+            stats, skips = apply_trt_rules(m, residual_qdq=bool(options.get("residual_qdq", True)))
+            trt_skips.extend(skips)
+            return stats
+
+        model, info = export_onnx(gm, signature, weight_layers, None, TRT_OPSET, engine_rules=trt_rules)
         conformance = check_model(model)
         flat = [t for t in torch.utils._pytree.tree_leaves((captured.args, captured.kwargs)) if isinstance(t, torch.Tensor)]
         macs = {k: v for k, v in layer_macs(gm, flat).items() if k in info["weights"]}
@@ -85,12 +90,12 @@ class TensorRTBackend:
         write_model(model, model_dir / MODEL_FILE)
         write_report(conformance, model_dir / CONFORMANCE_FILE)
         report = ctx.notes["report"]
-        report.sections["onnx_export"] = {"opset": TRT_OPSET, **info["rules"], **trt_stats,
+        report.sections["onnx_export"] = {"opset": TRT_OPSET, **info["rules"],
                                           "problems": info["problems"]}
         report.sections["tensorrt"] = {
             "activations": "symmetric int8 per tensor (forced: TensorRT's Q/DQ take zero point 0)",
             "weights": "symmetric int8 [-127, 127] per output channel",
-            "residual_qdq": {"fired": trt_stats.get("quantize_residual_add", 0), "skipped": trt_skips},
+            "residual_qdq": {"fired": info["rules"].get("quantize_residual_add", 0), "skipped": trt_skips},
             "conformance": conformance.summary(),
             "violations": [v.to_json() for v in conformance.violations],
             "profile": profile["dims"],

@@ -22,7 +22,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
+
+from lowbit.backends.onnx.qdq_rules import node_attr
 
 #: the opsets TensorRT's ONNX parser documents: QuantizeLinear's per-axis ``axis`` arrived in opset 13;
 #: TensorRT 10.15 parses opsets up to 24 (older 10.x releases document lower maxima: export at 19)
@@ -166,13 +168,6 @@ class _Model:
         return name in self.const
 
 
-def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _label(node: onnx.NodeProto) -> str:
     return node.name or f"<{node.op_type} -> {node.output[0] if node.output else '?'}>"
 
@@ -209,9 +204,9 @@ def _expected_weight_axis(op: onnx.NodeProto, idx: int, rank: int) -> int | None
     if op.op_type == "MatMul":
         return rank - 1 if idx == 1 else rank - 2  # B [.., K, N]: N; A [.., M, K]: M
     if op.op_type == "Gemm" and idx == 1:
-        return 0 if _attr(op, "transB", 0) else 1
+        return 0 if node_attr(op, "transB", 0) else 1
     if op.op_type == "Gemm" and idx == 0:
-        return 1 if _attr(op, "transA", 0) else 0
+        return 1 if node_attr(op, "transA", 0) else 0
     return None
 
 
@@ -270,7 +265,7 @@ def _check_qdq(m: _Model, node: onnx.NodeProto, counts: dict[str, int]) -> list[
     if zp_name:
         qtype = m.types.get(zp_name)
     elif op == "QuantizeLinear":
-        qtype = int(_attr(node, "output_dtype", 0)) or TensorProto.UINT8  # ONNX: no zero point means uint8
+        qtype = int(node_attr(node, "output_dtype", 0)) or TensorProto.UINT8  # ONNX: no zero point means uint8
     else:
         qtype = m.types.get(x)
     if qtype is not None and qtype != TensorProto.INT8:
@@ -284,8 +279,8 @@ def _check_qdq(m: _Model, node: onnx.NodeProto, counts: dict[str, int]) -> list[
                                                          "TensorRT supports only symmetric quantization (0)"))
 
     # granularity: weights per output channel, activations per tensor, no blocks for int8
-    if int(_attr(node, "block_size", 0) or 0) > 0:
-        out.append(Violation("blocked-quantization", name, f"{op} has block_size={_attr(node, 'block_size')}; "
+    if int(node_attr(node, "block_size", 0) or 0) > 0:
+        out.append(Violation("blocked-quantization", name, f"{op} has block_size={node_attr(node, 'block_size')}; "
                                                            "INT8 runs per-tensor or per-channel"))
     per_channel = scale is not None and scale.ndim >= 1 and scale.size > 1
     weight = m.is_const(x)
@@ -340,7 +335,7 @@ def _check_weight(m: _Model, node: onnx.NodeProto, name: str, scale: np.ndarray 
     if not per_channel or scale is None:
         return out
     counts["per_channel_weights"] += 1
-    axis = int(_attr(node, "axis", 1))
+    axis = int(node_attr(node, "axis", 1))
     axis = axis + w.ndim if axis < 0 else axis
     found = _weight_consumer(m, node)
     if found is None:

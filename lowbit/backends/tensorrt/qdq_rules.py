@@ -83,13 +83,12 @@ def quantize_residual_add(g: Graph) -> tuple[int, list[str]]:
     return fired, skips
 
 
-def apply_trt_rules(model: onnx.ModelProto, *, residual_qdq: bool = True) -> tuple[onnx.ModelProto, dict[str, int],
-                                                                                   list[str]]:
-    """Run the TensorRT rules on an exported QDQ model: (model, stats, reasons for matches left alone)."""
+def apply_trt_rules(model: onnx.ModelProto, *, residual_qdq: bool = True) -> tuple[dict[str, int], list[str]]:
+    """Run the TensorRT rules in place on an exported QDQ model: (stats, reasons for matches left alone)."""
     g = Graph(model)
     stats: dict[str, int] = {}
     notes: list[str] = []
     if residual_qdq:
         stats["quantize_residual_add"], skips = quantize_residual_add(g)
         notes += skips
-    return model, stats, notes
+    return stats, notes
