@@ -16,7 +16,7 @@ from torch import nn
 import lowbit
 from lowbit.runtime.qparams import sqnr
 
-from models import SmallResNet, bert_batch, randomize_bn, tiny_bert
+from models import bert_batch
 
 BERT_DYN = {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}
 
@@ -27,21 +27,10 @@ def cnn_data(n, batch=8, seed=0):
 
 
 @pytest.fixture(scope="module")
-def cnn():
-    torch.manual_seed(0)
-    return randomize_bn(SmallResNet())
-
-
-@pytest.fixture(scope="module")
 def cnn_q(cnn, tmp_path_factory):
     dump = tmp_path_factory.mktemp("dump_cnn")
     q = lowbit.compile(cnn, cnn_data(1)[0], calibration=cnn_data(8), dump_dir=dump, progress=False)
     return q, dump
-
-
-@pytest.fixture(scope="module")
-def bert():
-    return tiny_bert()
 
 
 @pytest.fixture(scope="module")

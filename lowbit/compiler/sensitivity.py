@@ -47,7 +47,7 @@ from lowbit.compiler import meta
 from lowbit.compiler.graph import QUANTIZABLE, attr_tensor
 from lowbit.config import QuantConfig
 from lowbit.runtime.observers import Observer
-from lowbit.runtime.qparams import PER_TOKEN_EPS, dequantize_weight, quantize_weight
+from lowbit.runtime.qparams import PER_TOKEN_EPS, dequantize_weight, quantize_weight, sqnr_db
 from lowbit.runtime.report import json_safe
 from lowbit.runtime.spec import LayerSpec, QuantSpec, scheme_spec
 
@@ -269,11 +269,7 @@ class SqnrFidelity:
             for r, t in zip(ref, _float_outputs(probe(*flat)), strict=True):
                 signal += float(r.pow(2).sum())
                 noise += float((r - t.double()).pow(2).sum())
-        if noise == 0.0:
-            return math.inf
-        if signal == 0.0:
-            return -math.inf
-        return 10.0 * math.log10(signal / noise)
+        return sqnr_db(signal, noise)
 
 
 class FunctionFidelity:

@@ -141,8 +141,11 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def sqnr(reference: torch.Tensor, test: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB: 10 log10(|ref|^2 / |ref - test|^2); inf if equal."""
     ref = reference.detach().double().flatten()
-    noise = (ref - test.detach().double().flatten()).pow(2).sum().item()
-    signal = ref.pow(2).sum().item()
+    return sqnr_db(ref.pow(2).sum().item(), (ref - test.detach().double().flatten()).pow(2).sum().item())
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    """10 log10(signal / noise) from summed energies (inf with no noise, -inf with no signal)."""
     if noise == 0.0:
         return math.inf
     if signal == 0.0:
