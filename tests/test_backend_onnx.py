@@ -203,3 +203,28 @@ def test_thread_count_is_configurable(cnn):
     q = lowbit.compile(cnn, cnn_cal(1)[0], target="onnxruntime-int8", calibration=cnn_cal(2), threads=1,
                        progress=False)
     assert q.state["runner"].session.get_session_options().intra_op_num_threads == 1
+
+
+def test_openvino_runs_attention_scores_in_int8(bert, compiled):
+    """openvino-int8 quantizes the query and key projections' outputs (int8, per tensor), so OpenVINO's
+    fused MHA computes Q K^T as an int8 matmul; ONNX Runtime's Attention op would not use them."""
+    target, _, qb = compiled
+    outputs = {k: v["output"] for k, v in qb.plan["layers"].items() if v["output"] is not None}
+    if target == "onnxruntime-int8":
+        assert outputs == {}
+        return
+    assert set(outputs) == {f"encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "key")}
+    assert all(o["dtype"] == "int8" and o["symmetric"] and o["granularity"] == "per_tensor" for o in outputs.values())
+    kernels = qb.report.sections["engine"]["attention_kernels"]
+    assert kernels and all(k.endswith(":i8") for k in kernels), kernels
+    assert "attention kernels compute Q K^T in int8" in str(qb.report)
+    ops = [n.op_type for n in onnx.load(str(qb.state["model_dir"] / "model.onnx")).graph.node]
+    assert ops.count("Softmax") == 2 and "Attention" not in ops
+    cal = [bert_batch(4, 16, i) for i in range(1, 6)]
+    off = lowbit.compile(bert, bert_batch(2, 16, 0), target=target, calibration=cal, progress=False,
+                         quantize_attention_scores=False)
+    assert all(v["output"] is None for v in off.plan["layers"].values())
+    assert not any(k.endswith(":i8") for k in off.report.sections["engine"]["attention_kernels"])
+    b = bert_batch(2, 16, 7)
+    ref = bert(**b).last_hidden_state
+    assert sqnr(ref, qb(**b)[0]) >= sqnr(ref, off(**b)[0]) - 1.0  # int8 scores cost < 1 dB here

@@ -79,3 +79,18 @@ def attention_value_source(x: fx.Node) -> fx.Node | None:
     if split is None or not isinstance(v, fx.Node) or len(v.users) != 1:
         return None
     return split[0]
+
+
+def attention_score_inputs(gm: fx.GraphModule) -> set[fx.Node]:
+    """The 3-D tensors [B, S, H*D] split into heads (``heads_input``) as an SDPA's query or key: the two
+    operands of the attention scores Q K^T. Quantizing such a tensor per tensor quantizes the split heads
+    alike (a view and a transpose move no value)."""
+    out: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.target is not SDPA:
+            continue
+        for arg in node.args[:2]:
+            split = heads_input(arg)
+            if split is not None and isinstance(arg, fx.Node) and len(arg.users) == 1:
+                out.add(split[0])
+    return out

@@ -315,7 +315,7 @@ class PlanPrecision(Pass):
         if option == option_of(node.meta[meta.SPEC]):
             return node.meta[meta.SPEC]
         spec = LayerSpec(FLOAT) if option == FLOAT else option_spec(option, config.for_layer(layer))
-        return engine_spec(spec, QUANTIZABLE[node.target], ctx)
+        return engine_spec(spec, QUANTIZABLE[node.target], ctx, layer)
 
     def _apply(self, gm: fx.GraphModule, ctx: PassContext, options: Mapping[str, str]) -> list[str]:
         """Write the new specs; detach observers from layers that no longer take static activations."""

@@ -16,8 +16,10 @@ from torch import fx
 from lowbit.compiler import meta
 from lowbit.compiler.graph import QUANTIZABLE, assign_layer_names, attr_tensor
 from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
+from lowbit.compiler.patterns import attention_score_inputs
 from lowbit.config import QuantConfig
 from lowbit.errors import PlanError, QuantConfigError
+from lowbit.passes.fuse_activation import output_node
 from lowbit.runtime.spec import LayerSpec, Plan, QuantSpec
 
 
@@ -46,12 +48,21 @@ def layer_problem(spec: LayerSpec, op: str, weight_shape: tuple[int, ...], ctx: 
     return why
 
 
-def engine_spec(spec: LayerSpec, op: str, ctx: PassContext) -> LayerSpec:
+#: the output of a projection that feeds the attention scores Q K^T (query or key): int8 per tensor
+SCORE_OPERAND = QuantSpec("int8", True, "per_tensor")
+
+
+def engine_spec(spec: LayerSpec, op: str, ctx: PassContext, layer: str = "") -> LayerSpec:
     """The spec adjusted to what the target's engine needs to run it as integer kernels."""
     if (ctx.notes.get("quantize_conv_outputs") and op.startswith("conv") and spec.scheme == "w8a8"
             and spec.output is None):
         # the engine runs a conv as integer only with a quantized output (ORT's QLinearConv)
         spec = LayerSpec(spec.scheme, spec.weight, spec.activation, output=spec.activation)
+    if (ctx.notes.get("quantize_attention_scores") and spec.quantized and spec.output is None
+            and layer in ctx.notes.get("attention_score_layers", ())):
+        # a quantized query/key projection hands the attention int8 operands: the engine computes Q K^T
+        # as an integer matmul (OpenVINO's int8 MHA). A layer kept in float keeps its output float too.
+        spec = LayerSpec(spec.scheme, spec.weight, spec.activation, output=SCORE_OPERAND)
     if ctx.notes.get("symmetric_activations") and spec.activation is not None and not spec.activation.dynamic:
         # the engine's Q/DQ take symmetric int8 only (TensorRT: zero point 0): static activations follow
         sym = QuantSpec("int8", True, "per_tensor")
@@ -66,6 +77,8 @@ class Annotate(Pass):
         config: QuantConfig = ctx.config or QuantConfig()
         plan: Plan | None = ctx.plan
         layers = assign_layer_names(gm)
+        scores = attention_score_inputs(gm)
+        ctx.notes["attention_score_layers"] = {k for k, n in layers.items() if output_node(n) in scores}
         if plan is not None:
             unknown = [k for k in plan.layers if k not in layers]
             if unknown:
@@ -87,7 +100,7 @@ class Annotate(Pass):
             if why is not None:
                 err = PlanError if from_plan else QuantConfigError
                 raise err(f"{'plan entry' if from_plan else 'layer'} {name!r}: {why}")
-            spec = engine_spec(spec, op, ctx)
+            spec = engine_spec(spec, op, ctx, name)
             node.meta[meta.SPEC] = spec
             full[name] = spec
             counts[spec.scheme] = counts.get(spec.scheme, 0) + 1

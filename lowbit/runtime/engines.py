@@ -144,6 +144,19 @@ class OpenVinoRunner:
                     found[layer] = {"kernel": f"{kind}:{prec}", "int8": prec in OV_INT8_PRECISIONS}
         return {layer: found.get(layer, {"kernel": "?", "int8": False}) for layer in weights}
 
+    def attention_kernels(self) -> list[str]:
+        """``layerType:runtimePrecision`` of each executed node that runs a softmax (the fused MHA kernels:
+        ``Subgraph:i8`` when Q K^T runs as an int8 matmul)."""
+        out = []
+        for op in self.compiled.get_runtime_model().get_ordered_ops():
+            info = op.get_rt_info()
+            names = info["originalLayersNames"].astype(str) if "originalLayersNames" in info else ""
+            if "softmax" in names.lower():
+                kind = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
+                prec = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "?"
+                out.append(f"{kind}:{prec}")
+        return out
+
 
 RUNNERS = {"onnxruntime": OrtRunner, "openvino": OpenVinoRunner}
 

@@ -41,6 +41,8 @@ def report_engine(report: Report, runner: Any, weights: Mapping[str, str], macs:
     for layer, v in layers.items():
         v["macs"] = int(macs.get(layer, 0))
     section = {"engine": runner.engine, "int8_share": int8_share(layers, macs), "layers": layers, **extra}
+    if hasattr(runner, "attention_kernels"):
+        section["attention_kernels"] = runner.attention_kernels()
     report.sections["engine"] = section
     for row in report.layers:
         k = layers.get(row["layer"])

@@ -72,6 +72,10 @@ class Report:
         if engine:
             parts.append(f"\n{engine['engine']}: {engine['int8_share']:.1%} of the quantized layers' "
                          "multiply-accumulates run in integer kernels")
+            attention = engine.get("attention_kernels")
+            if attention:
+                int8 = sum(k.endswith((":i8", ":u8")) for k in attention)
+                parts.append(f"{engine['engine']}: {int8} of {len(attention)} attention kernels compute Q K^T in int8")
             if engine.get("note"):  # e.g. tensorrt-int8 export-only: which engine really runs the calls
                 parts.append(f"{engine['engine']}: {engine['note']}")
         return "\n".join(parts)

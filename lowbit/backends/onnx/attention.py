@@ -1,4 +1,4 @@
-"""Multi-head attention for ONNX Runtime: SDPA with its head reshapes becomes one MultiHeadAttention.
+"""Multi-head attention for the ONNX engines: SDPA with its head reshapes becomes one attention op.
 
 Exported as is, ``scaled_dot_product_attention`` turns into MatMul/Softmax plus Where/IsNaN guards, which
 cost ONNX Runtime as much as the int8 projections; its transformer optimizer cannot fuse attention in a
@@ -8,8 +8,9 @@ QDQ graph. This pass matches
       -> (reshape) -> transpose(1, 2) -> reshape [B, S, H*D]
 
 and replaces it with ``lowbit::attention(q, k, v, mask, H, scale) -> [B, S, H*D]``: in torch, the same
-SDPA (so the graph's numbers do not change); in ONNX, the standard ``Attention`` op (opset 23), which
-ONNX Runtime runs as one fused CPU kernel.
+SDPA (so the graph's numbers do not change); in ONNX, either the standard ``Attention`` op (opset 23),
+which ONNX Runtime runs as one fused CPU kernel, or the plain MatMul/Softmax pattern OpenVINO fuses into
+its (int8 when q and k are quantized) MHA kernel.
 """
 
 from __future__ import annotations
@@ -51,7 +52,36 @@ def onnx_attention(q, k, v, mask, num_heads: int, scale: float):  # noqa: ANN001
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def onnx_attention_matmuls(q, k, v, mask, num_heads: int, scale: float):  # noqa: ANN001, ANN201
+    """ONNX translation as plain ops, the MultiHeadAttention pattern OpenVINO fuses (the one its ONNX
+    Attention import and a plain SDPA export both wrap in an IsNaN/Select guard it runs separately):
+
+        Reshape/Transpose q, k, v -> MatMul(q, k^T) * scale + bias -> Softmax -> MatMul(., v) * valid
+          -> Transpose/Reshape [B, S, H*D]
+
+    ``bias`` is 0 where ``mask`` attends and the lowest float32 elsewhere. SDPA gives a query row that
+    attends to nothing zeros (where the softmax would spread evenly over the masked keys): ``valid``, 1 if
+    the row attends to any key and 0 if not, keeps that exact. A Q/DQ pair on q and k ahead of this (the
+    query/key projections' output quantizers) lets OpenVINO run Q K^T as an int8 matmul."""
+    from onnxscript import FLOAT
+    from onnxscript import opset21 as op
+
+    split = op.Constant(value_ints=[0, 0, num_heads, -1])
+    qh = op.Transpose(op.Reshape(q, split), perm=[0, 2, 1, 3])
+    kt = op.Transpose(op.Reshape(k, split), perm=[0, 2, 3, 1])
+    vh = op.Transpose(op.Reshape(v, split), perm=[0, 2, 1, 3])
+    scores = op.Mul(op.MatMul(qh, kt), op.Constant(value_float=scale))
+    if mask is not None:
+        lowest = op.Constant(value_float=float(torch.finfo(torch.float32).min))
+        scores = op.Add(scores, op.Where(mask, op.Constant(value_float=0.0), lowest))
+    out = op.MatMul(op.Softmax(scores, axis=-1), vh)
+    if mask is not None:
+        out = op.Mul(out, op.ReduceMax(op.Cast(mask, to=FLOAT.dtype), op.Constant(value_ints=[-1]), keepdims=1))
+    return op.Reshape(op.Transpose(out, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+
+
 CUSTOM_TRANSLATIONS = {torch.ops.lowbit.attention.default: onnx_attention}
+MATMUL_TRANSLATIONS = {torch.ops.lowbit.attention.default: onnx_attention_matmuls}
 
 
 def _erase_chain(graph: fx.Graph, node: fx.Node, stop: fx.Node) -> None:

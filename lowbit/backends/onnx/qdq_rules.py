@@ -8,8 +8,9 @@ Each rule is pattern -> check -> rewrite and returns how many times it fired.
 - ``gemm_to_matmul``: ``Gemm(x, DQ(W), b, transB=1)`` becomes ``MatMul(x, DQ(W^T)) + b`` (one pattern for
   every linear, whatever the input rank).
 - ``dedicate_dq``: a DQ with several consumers is cloned per consumer (QDQ node units own their DQ).
-- ``check_qdq_placement``: Q feeds only DQ; an activation DQ feeds only MatMul/Conv/Gemm. Returns the
-  violations (stray Q/DQ around float ops) instead of rewriting.
+- ``check_qdq_placement``: Q feeds only DQ; an activation DQ feeds only MatMul/Conv/Gemm, directly or
+  through a head split (Reshape/Transpose: the query and key of an attention's scores matmul). Returns
+  the violations (stray Q/DQ around float ops) instead of rewriting.
 """
 
 from __future__ import annotations
@@ -187,10 +188,22 @@ def check_qdq_placement(g: Graph) -> list[str]:
             if q is not None and _is_conv_output(q, prod):
                 continue  # a quantized conv output: QLinearConv writes int8, its consumers read a DQ
             bad = [u.op_type if u is not None else "graph output" for u in cons[n.output[0]]
-                   if u is None or u.op_type not in QUANT_CONSUMERS]
+                   if u is None or u.op_type not in QUANT_CONSUMERS and not _split_into_matmul(u, cons)]
             if bad or q is None or q.op_type != "QuantizeLinear":
                 problems.append(f"DequantizeLinear {n.name} feeds {bad or '?'}: stray Q/DQ around a float op")
     return problems
+
+
+def _split_into_matmul(node: onnx.NodeProto, cons: dict[str, list[onnx.NodeProto]]) -> bool:
+    """Does ``node`` start a chain of single-consumer Reshape/Transpose ops (a head split) into a MatMul?"""
+    for _ in range(4):
+        if node is None or node.op_type not in ("Reshape", "Transpose"):
+            return node is not None and node.op_type == "MatMul"
+        users = cons.get(node.output[0], [])
+        if len(users) != 1:
+            return False
+        node = users[0]
+    return False
 
 
 def remove_dead_nodes(g: Graph) -> int:
