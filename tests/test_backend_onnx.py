@@ -167,6 +167,18 @@ def test_numpy_inputs_and_wrong_inputs(compiled):
         qc(torch.ones(2, 1, 16, 16, dtype=torch.int64))
 
 
+def test_outputs_stay_valid_after_the_next_call(compiled):
+    """Outputs are copied out of the engine's buffers: a later call (same shape, the static engine on
+    openvino-int8; another shape, the dynamic one) leaves earlier results untouched."""
+    _, qc, _ = compiled
+    x1, x2, x3 = torch.randn(2, 1, 16, 16), torch.randn(2, 1, 16, 16), torch.randn(3, 1, 16, 16)
+    first = qc(x1)
+    kept = first.clone()
+    qc(x2)
+    qc(x3)
+    assert torch.equal(first, kept) and torch.equal(qc(x1), kept)
+
+
 def test_missing_engine_names_the_extra(monkeypatch, cnn):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))

@@ -53,8 +53,11 @@ class CompiledModel:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         flat = self.signature.flatten_call(args, kwargs)
-        with torch.no_grad():
+        if getattr(self._runner, "autograd_free", False):  # an engine outside torch (ONNX Runtime, OpenVINO)
             outs = self._runner(flat)
+        else:
+            with torch.no_grad():
+                outs = self._runner(flat)
         return self.signature.unflatten(list(outs))
 
     def save(self, directory: str | os.PathLike[str]) -> Path:

@@ -23,8 +23,12 @@ DTYPES = {str(d).replace("torch.", ""): d for d in (
 )}
 
 
+_DTYPE_NAMES = {d: name for name, d in DTYPES.items()}
+
+
 def dtype_name(d: torch.dtype) -> str:
-    return str(d).replace("torch.", "")
+    name = _DTYPE_NAMES.get(d)
+    return name if name is not None else str(d).replace("torch.", "")
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,10 @@ class Signature:
             if len(values) != self.num_positional:
                 raise error(f"{where}: expected {self.num_positional} positional inputs, got {len(values)}")
         values = [torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v for v in values]
-        leaves = [x for x in pytree.tree_leaves(values) if isinstance(x, torch.Tensor)]
+        if len(values) == len(self.inputs) and all(type(v) is torch.Tensor for v in values):
+            leaves = values  # the common call: one plain tensor per input, nothing nested to walk
+        else:
+            leaves = [x for x in pytree.tree_leaves(values) if isinstance(x, torch.Tensor)]
         if len(leaves) != len(self.inputs):
             raise error(f"{where}: expected {len(self.inputs)} tensors {[s.name for s in self.inputs]}, got {len(leaves)}")
         self.check(leaves, error=error, where=where, check_finite=check_finite)
