@@ -53,7 +53,11 @@ LOWBIT_ROWS: list[LowbitRow] = [
     # the mixed-precision planner (target_sqnr_db=18) on top
     LowbitRow("lowbit openvino-int8, plain W8A8", "openvino-int8", config={"smoothquant": False, "target_sqnr_db": None}),
     LowbitRow("lowbit openvino-int8, +SmoothQuant", "openvino-int8", config={"target_sqnr_db": None}),
+    # the default with the attention scores left in float (bf16 MHA kernel): what int8 Q K^T brings
+    LowbitRow("lowbit openvino-int8, float attention scores", "openvino-int8",
+              options={"quantize_attention_scores": False}),
 ]
+CNN_ROWS = [r for r in LOWBIT_ROWS if "attention" not in r.label]  # the CNN has no attention
 
 
 # ------------------------------------------------------------------------------------------ MiniLM
@@ -135,7 +139,7 @@ def run_cnn(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     s = cnn.setup(quick=args.quick, n_cal=args.cal_batches, epochs=args.epochs, log=lambda m: print(m, flush=True))
     test = s["test"] if not args.quick else s["test"][: max(args.eval_batches, 1)]
-    specs = select(cnn.specs(s["model"], threads=args.threads, n_cal=len(s["cal"]), lowbit_rows=LOWBIT_ROWS),
+    specs = select(cnn.specs(s["model"], threads=args.threads, n_cal=len(s["cal"]), lowbit_rows=CNN_ROWS),
                    args.rows)
     ctx = harness.BuildContext(calibration=s["cal"], example=test[0], workdir=workdir, threads=args.threads,
                                stages=harness.StageCache())
