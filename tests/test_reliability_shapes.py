@@ -191,3 +191,35 @@ def test_torch_compile_runs_the_declared_minimum_and_maximum(models, capture_onc
         qc(cnn_input(CNN_BATCH[1] + 1))
     print(f"\n[shapes] torch compile=True: CNN batch {CNN_BATCH[0]} and {CNN_BATCH[1]}, SQNR vs FP32 "
           f"{', '.join(f'{d:.1f}' for d in dbs)} dB; batch 17 refused; {time.perf_counter() - t0:.1f} s")
+
+
+def test_checked_calls_are_remembered_per_shape_never_past_a_bad_input():
+    """Signature.flatten_call remembers the (dtype, shape) of calls it accepted, so a repeat skips the
+    checks; any other dtype or shape is checked in full again (and refused when wrong)."""
+    from lowbit.errors import InputError
+    from lowbit.runtime.signature import Signature, TensorSig
+
+    sig = Signature([TensorSig("ids", "int64", ("batch", "seq")), TensorSig("mask", "int64", ("batch", "seq"))],
+                    keywords=["ids", "mask"], num_positional=0, outputs=["output_0"],
+                    dim_bounds={"seq": (1, 16)})
+    ok = {"ids": torch.ones(2, 8, dtype=torch.long), "mask": torch.ones(2, 8, dtype=torch.long)}
+    for _ in range(2):
+        assert [t.shape for t in sig.flatten_call((), ok)] == [(2, 8), (2, 8)]
+    assert len(sig._accepted) == 1
+    bad = [
+        ({"ids": torch.ones(2, 8, dtype=torch.int32), "mask": ok["mask"]}, "dtype int32"),
+        ({"ids": torch.ones(2, 8, dtype=torch.long), "mask": torch.ones(2, 9, dtype=torch.long)}, "dim 'seq'"),
+        ({"ids": torch.ones(2, 17, dtype=torch.long), "mask": torch.ones(2, 17, dtype=torch.long)}, "outside"),
+        ({"ids": ok["ids"], "other": ok["mask"]}, "missing \\['mask'\\]"),
+    ]
+    for inputs, match in bad:
+        with pytest.raises(InputError, match=match):
+            sig.flatten_call((), inputs)
+    assert len(sig._accepted) == 1
+    fsig = Signature([TensorSig("x", "float32", ("batch", 4))], keywords=None, num_positional=1,
+                     outputs=["output_0"])
+    x = torch.ones(3, 4)
+    fsig.flatten_call((x,), {}, check_finite=True)
+    fsig.flatten_call((x,), {})
+    with pytest.raises(InputError, match="contains NaN"):  # a finiteness check is never skipped
+        fsig.flatten_call((torch.full((3, 4), float("nan")),), {}, check_finite=True)
