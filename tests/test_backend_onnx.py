@@ -94,6 +94,10 @@ def test_graph_shape(compiled, tmp_path):
             for i in n.input:
                 consumers.setdefault(i, []).append(n)
         inits = {t.name for t in model.graph.initializer}
+        producers = {o: n for n in model.graph.node for o in n.output}
+        requant = [n.name for n in model.graph.node if n.op_type == "QuantizeLinear"
+                   and getattr(producers.get(n.input[0]), "op_type", None) == "DequantizeLinear"]
+        assert requant == [], f"{name}: a quantized value quantized again: {requant}"
         for n in model.graph.node:
             if n.op_type == "DequantizeLinear":
                 users = consumers.get(n.output[0], [])
@@ -165,6 +169,29 @@ def test_numpy_inputs_and_wrong_inputs(compiled):
         qc(torch.randn(2, 1, 15, 16))
     with pytest.raises(lowbit.InputError, match="dtype int64"):
         qc(torch.ones(2, 1, 16, 16, dtype=torch.int64))
+
+
+def test_openvino_runs_residual_blocks_as_int8_convs(compiled):
+    """openvino-int8 quantizes conv outputs and residual adds (in and out), so OpenVINO fuses each add and
+    its ReLU into the conv before it: no add runs as a node of its own, and every conv writes int8."""
+    target, qc, _ = compiled
+    stats = next(p["stats"] for p in qc.report.passes if p["pass"] == "insert_observers")
+    if target == "onnxruntime-int8":
+        assert "residual_adds_quantized" not in stats
+        return
+    assert stats["residual_adds_quantized"] == 2  # one per residual block of SmallResNet
+    runner = qc.state["runner"]
+    fused = 0
+    for op in runner.compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        names = info["originalLayersNames"].astype(str) if "originalLayersNames" in info else ""
+        kind = info["layerType"].astype(str) if "layerType" in info else ""
+        if any(n.startswith("node_add") for n in names.split(",")):
+            assert kind == "Convolution", f"{names} runs as {kind}"
+            fused += 1
+        if kind == "Convolution":
+            assert info["runtimePrecision"].astype(str) in ("u8", "i8")
+    assert fused == 2
 
 
 def test_outputs_stay_valid_after_the_next_call(compiled):

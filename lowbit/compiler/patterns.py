@@ -94,3 +94,22 @@ def attention_score_inputs(gm: fx.GraphModule) -> set[fx.Node]:
             if split is not None and isinstance(arg, fx.Node) and len(arg.users) == 1:
                 out.add(split[0])
     return out
+
+
+ADDS = {aten.add.Tensor, aten.add_.Tensor}
+
+
+def residual_adds(gm: fx.GraphModule) -> list[fx.Node]:
+    """Element-wise adds of two 4-D floating-point feature maps of one shape: a CNN's residual joins.
+    (A transformer's residual, 3-D and into a LayerNorm, is not matched.)"""
+    out = []
+    for node in gm.graph.nodes:
+        if node.target not in ADDS or len(node.args) < 2 or node.kwargs.get("alpha", 1) != 1:
+            continue
+        a, b = node.args[:2]
+        va = tensor_meta(a) if isinstance(a, fx.Node) else None
+        vb = tensor_meta(b) if isinstance(b, fx.Node) else None
+        if va is None or vb is None or va.ndim != 4 or va.shape != vb.shape or not va.dtype.is_floating_point:
+            continue
+        out.append(node)
+    return out

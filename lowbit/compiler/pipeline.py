@@ -83,6 +83,8 @@ def compile_model(
     ctx.notes.update(signature=signature, target=target, supported_schemes=backend.schemes,
                      scheme_costs=getattr(backend, "scheme_costs", CPU_SCHEME_COSTS),
                      quantize_conv_outputs=getattr(backend, "quantize_conv_outputs", False),
+                     quantize_residual_adds=bool(options.get(
+                         "quantize_residual_adds", getattr(backend, "quantize_residual_adds", False))),
                      quantize_attention_scores=bool(options.get(
                          "quantize_attention_scores", getattr(backend, "quantize_attention_scores", False))),
                      symmetric_activations=getattr(backend, "symmetric_activations", False))

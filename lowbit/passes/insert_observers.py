@@ -8,15 +8,21 @@ from the weight itself.
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import fx
 
 from lowbit.compiler import meta
 from lowbit.compiler.graph import annotated_nodes
 from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
+from lowbit.compiler.patterns import residual_adds
 from lowbit.config import QuantConfig
 from lowbit.passes.fuse_activation import output_node
 from lowbit.runtime.observers import Observer, make_observer
 from lowbit.runtime.spec import QuantSpec
+
+aten = torch.ops.aten
 
 
 class InsertObservers(Pass):
@@ -29,6 +35,10 @@ class InsertObservers(Pass):
 
         def observer_for(value: fx.Node, spec: QuantSpec, layer_name: str, role: str) -> fx.Node:
             nonlocal counter
+            if _observer(gm, value) is not None and _observer(gm, value).spec == spec:
+                # already quantized this way (the producer's output quantizer): share it, not Q/DQ it twice
+                value.meta[meta.OBSERVES].append(f"{layer_name}:{role}")
+                return value
             key = (value.name, spec)
             if key in made:
                 made[key].meta[meta.OBSERVES].append(f"{layer_name}:{role}")
@@ -61,9 +71,60 @@ class InsertObservers(Pass):
                 for u in users:
                     u.replace_input_with(out, obs)
                 outputs += 1
+        residual = self._quantize_residual_adds(gm, observer_for) if ctx.notes.get("quantize_residual_adds") else 0
         gm.recompile()
         return PassResult(gm, {k: v for k, v in
-                               {"observers": len(made), "inputs_observed": inputs, "outputs_observed": outputs}.items() if v})
+                               {"observers": len(made), "inputs_observed": inputs, "outputs_observed": outputs,
+                                "residual_adds_quantized": residual}.items() if v})
+
+    @staticmethod
+    def _quantize_residual_adds(gm: fx.GraphModule, observer_for: Any) -> int:
+        """Residual adds of int8 feature maps, in and out (the graphs OpenVINO fuses into the conv that
+        produces one operand, as a sum post-op writing int8):
+
+        - an operand that some layer quantizes at its input (a block input shared by the next conv and the
+          shortcut) is read through that quantizer;
+        - when both operands are then quantized, the add's output (after its ReLU, if any) is quantized too,
+          with the operands' spec, unless a layer already quantizes it (the next block's input). The role
+          is ``<layer of the first operand>:residual``.
+        """
+        done = 0
+        for add in residual_adds(gm):
+            operands = list(add.args[:2])
+            for x in operands:
+                if _observer(gm, x) is None and isinstance(x, fx.Node):
+                    shared = next((u for u in x.users if _observer(gm, u) is not None and u.args[0] is x), None)
+                    if shared is not None:
+                        add.replace_input_with(x, shared)
+            obs = [_observer(gm, x) for x in add.args[:2]]
+            if any(o is None for o in obs):
+                continue
+            out = add
+            if len(add.users) == 1 and next(iter(add.users)).target in (aten.relu.default, aten.relu_.default):
+                out = next(iter(add.users))
+            if any(_observer(gm, u) is not None for u in out.users):
+                done += 1  # a layer reads it quantized already: share that quantizer
+                users = list(out.users)
+                shared = next(u for u in users if _observer(gm, u) is not None and u.args[0] is out)
+                for u in users:
+                    if u is not shared and _observer(gm, u) is None:
+                        u.replace_input_with(out, shared)
+                continue
+            layer = add.args[0].meta[meta.OBSERVES][0].rsplit(":", 1)[0]
+            users = list(out.users)
+            node = observer_for(out, obs[0].spec, layer, "residual")
+            for u in users:
+                u.replace_input_with(out, node)
+            done += 1
+        return done
+
+
+def _observer(gm: fx.GraphModule, node: object) -> Observer | None:
+    if isinstance(node, fx.Node) and node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        if isinstance(mod, Observer):
+            return mod
+    return None
 
 
 def observer_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, Observer]]:

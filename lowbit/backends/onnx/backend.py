@@ -114,3 +114,7 @@ class OpenVinoBackend(OnnxBackend):
     # NNCF quantizes them): about 3% faster on MiniLM-L6 than the Attention op in bf16, at the same cosine
     attention_as_matmuls = True
     quantize_attention_scores = True
+    # int8 in and out of every conv and residual add (as NNCF quantizes a CNN): OpenVINO then runs a
+    # residual block as convs alone, the add and ReLU fused into the conv as a sum post-op writing int8
+    quantize_conv_outputs = True
+    quantize_residual_adds = True
