@@ -20,14 +20,17 @@ from lowbit.runtime.signature import Signature
 
 
 def run_passes(model: torch.nn.Module, example: Any, passes: list[Pass], *, config: QuantConfig | None = None,
-               calibration: Any = None, plan: Any = None) -> tuple[fx.GraphModule, PassManager, PassContext]:
-    """Capture ``model``, run ``passes`` under the verify instrument, return the graph, manager and context."""
+               calibration: Any = None, plan: Any = None, notes: dict[str, Any] | None = None,
+               ) -> tuple[fx.GraphModule, PassManager, PassContext]:
+    """Capture ``model``, run ``passes`` under the verify instrument, return the graph, manager and context.
+    ``notes`` go into the context first (what a backend declares, e.g. ``quantize_residual_adds``)."""
     cap = capture(model, example)
     with torch.no_grad():
         out = model(*cap.args, **cap.kwargs)
     sig = Signature.from_example(cap.args, cap.kwargs, cap.input_names, cap.dynamic, out, cap.dim_bounds)
     ctx = PassContext(config=config or QuantConfig(), plan=plan, calibration=calibration, progress=False)
     ctx.notes["signature"] = sig
+    ctx.notes.update(notes or {})
     pm = PassManager(passes, [VerifyInstrument()])
     gm = pm.run(cap.gm, ctx)
     return gm, pm, ctx

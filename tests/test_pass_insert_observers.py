@@ -41,3 +41,34 @@ def test_dynamic_and_weight_only_layers_get_no_observer():
     gm, pm, _ = run_passes(QKV().eval(), (torch.randn(2, 5, 32),), [Annotate(), InsertObservers()],
                            config=QuantConfig(group_size=32, overrides=cfg.overrides))
     assert observer_nodes(gm) == [] and pm.records[1].stats == {}
+
+
+def test_residual_blocks_quantized_in_and_out_without_double_quantizers(cnn):
+    """With conv outputs and residual adds quantized (openvino-int8): each residual add reads two
+    quantizers and its output is quantized once; no observer observes another of the same spec; the
+    planner's probe keeps the residual quantizers on even with every layer in float."""
+    from lowbit.compiler.sensitivity import Probe
+    from lowbit.passes import Calibrate, Canonicalize, FoldConvBatchNorm, FuseActivation
+    from lowbit.passes.insert_observers import _observer
+    from lowbit.runtime.qparams import sqnr
+
+    from models import cnn_cal
+
+    cal = cnn_cal(4)
+    passes = [Canonicalize(), FoldConvBatchNorm(), FuseActivation(), Annotate(), InsertObservers(), Calibrate()]
+    gm, pm, _ = run_passes(cnn, cal[0], passes, calibration=cal,
+                           notes={"quantize_conv_outputs": True, "quantize_residual_adds": True})
+    assert pm.records[4].stats["residual_adds_quantized"] == 2
+    for node, obs in observer_nodes(gm):
+        inner = _observer(gm, node.args[0])
+        assert inner is None or inner.spec != obs.spec, f"{node.name} re-quantizes {node.args[0].name}"
+    adds = [n for n in gm.graph.nodes if n.target is torch.ops.aten.add.Tensor]
+    assert len(adds) == 2 and all(_observer(gm, a) is not None for add in adds for a in add.args[:2])
+    roles = [r for n, _ in observer_nodes(gm) for r in n.meta[meta.OBSERVES]]
+    assert sum(r.endswith(":residual") for r in roles) == 1  # the last block's output (into the pool)
+    probe = Probe(gm, QuantConfig())
+    probe.set({})  # every layer float: only the residual-add output quantizer is left
+    x = cal[1][0]
+    with torch.no_grad():
+        ref, out = cnn(x), probe(x)[0]
+    assert 30.0 < sqnr(ref, out) < 70.0, sqnr(ref, out)  # int8 error (float rounding alone: > 100 dB)

@@ -195,17 +195,23 @@ class Probe:
             asw = ActivationSwitch(static)
             node.replace_input_with(node.args[0], self._add("lowbit_probe_in", asw, (x,), node))
             self.layers[name] = ProbeLayer(name, QUANTIZABLE[node.target], spec, wsw, asw)
-        # what is left of the observers: output observers (follow their layer) or nothing
+        # what is left of the observers: output observers (follow their layer), residual-add outputs
+        # (always quantized), or nothing
         for node in list(graph.nodes):
             obs = self._observer(node)
             if obs is None:
                 continue
             outs = [o.rsplit(":", 1)[0] for o in node.meta.get(meta.OBSERVES, []) if o.endswith(":output")]
+            residual = any(o.endswith(":residual") for o in node.meta.get(meta.OBSERVES, []))
             if node.users and outs and outs[0] in self.layers:
                 qp = qparams.setdefault(id(obs), obs.calculate_qparams())
                 sw = ActivationSwitch((*qp, obs.spec))
                 self.layers[outs[0]].outputs.append(sw)
                 node.replace_all_uses_with(self._add("lowbit_probe_out", sw, (node.args[0],), node))
+            elif node.users and residual:  # a residual add's output quantizer stays whatever the plan
+                sw = ActivationSwitch((*qparams.setdefault(id(obs), obs.calculate_qparams()), obs.spec))
+                sw.mode = "static"
+                node.replace_all_uses_with(self._add("lowbit_probe_res", sw, (node.args[0],), node))
             else:
                 node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
