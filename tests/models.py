@@ -62,6 +62,18 @@ def tiny_bert(seed: int = 0, layers: int = 2, hidden: int = 64):
     return BertModel(cfg).eval()
 
 
+class ReluMLP(nn.Module):
+    """fc1 -> ReLU -> fc2: the smallest model with a fused activation between two quantized layers."""
+
+    def __init__(self, d_in: int, hidden: int, d_out: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
 def cnn_cal(n: int = 6) -> list[tuple[torch.Tensor]]:
     """``n`` seeded calibration batches of 8 x 1 x 16 x 16 for SmallResNet."""
     g = torch.Generator().manual_seed(1)

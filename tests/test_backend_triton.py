@@ -36,7 +36,7 @@ from lowbit.config import QuantConfig  # noqa: E402
 from lowbit.runtime.qparams import sqnr  # noqa: E402
 
 from helpers import capture_cache  # noqa: E402
-from models import SmallResNet, bert_batch, randomize_bn, tiny_bert  # noqa: E402
+from models import ReluMLP, SmallResNet, bert_batch, randomize_bn, tiny_bert  # noqa: E402
 
 BERT_DYN = {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}
 SCHEMES = ["w8a8", "w8a8_dynamic", "w8a16", "w4a16"]
@@ -164,16 +164,6 @@ def test_bert_save_and_load_without_the_model(bert_pair, tmp_path: Path) -> None
 # -- a small MLP: 3-D inputs, static symmetric activations, fallbacks -----------------------------------
 
 
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(64, 96)
-        self.fc2 = nn.Linear(96, 32)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
 def mlp_data(n: int, batch: int = 2, seq: int = 5, seed: int = 0) -> list[tuple[torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(batch, seq, 64, generator=g),) for _ in range(n)]
@@ -182,7 +172,7 @@ def mlp_data(n: int, batch: int = 2, seq: int = 5, seed: int = 0) -> list[tuple[
 @pytest.fixture(scope="module")
 def mlp() -> nn.Module:
     torch.manual_seed(0)
-    return MLP().eval()
+    return ReluMLP(64, 96, 32).eval()
 
 
 @pytest.mark.parametrize("scheme,extra", [(s, {}) for s in SCHEMES] + [("w8a8", {"activation_symmetric": True})],

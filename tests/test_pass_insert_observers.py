@@ -47,9 +47,9 @@ def test_residual_blocks_quantized_in_and_out_without_double_quantizers(cnn):
     """With conv outputs and residual adds quantized (openvino-int8): each residual add reads two
     quantizers and its output is quantized once; no observer observes another of the same spec; the
     planner's probe keeps the residual quantizers on even with every layer in float."""
+    from lowbit.compiler.graph import observer_of as _observer
     from lowbit.compiler.sensitivity import Probe
     from lowbit.passes import Calibrate, Canonicalize, FoldConvBatchNorm, FuseActivation
-    from lowbit.passes.insert_observers import _observer
     from lowbit.runtime.qparams import sqnr
 
     from models import cnn_cal

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import lowbit
 
 from helpers import one_torch_thread
+from models import ReluMLP
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
 
@@ -46,19 +46,9 @@ def _one_thread():
         yield
 
 
-class Wide(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.up = nn.Linear(512, 2048)
-        self.down = nn.Linear(2048, 512)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(torch.relu(self.up(x)))
-
-
 def compiled_model(seed: int) -> lowbit.CompiledModel:
     torch.manual_seed(seed)
-    model = Wide().eval()
+    model = ReluMLP(512, 2048, 512).eval()  # wide: a model file of several MB
     g = torch.Generator().manual_seed(seed)
     cal = [(torch.randn(8, 512, generator=g),) for _ in range(2)]
     cfg = lowbit.QuantConfig(smoothquant=False, target_sqnr_db=None)

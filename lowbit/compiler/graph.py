@@ -9,6 +9,7 @@ import torch
 from torch import fx
 
 from lowbit.compiler import meta
+from lowbit.runtime.observers import Observer
 
 aten = torch.ops.aten
 
@@ -40,6 +41,15 @@ def quantizable_nodes(gm: fx.GraphModule) -> Iterator[fx.Node]:
 
 def annotated_nodes(gm: fx.GraphModule) -> Iterator[fx.Node]:
     return (n for n in gm.graph.nodes if meta.SPEC in n.meta)
+
+
+def observer_of(gm: fx.GraphModule, node: object) -> Observer | None:
+    """The observer module ``node`` calls, or None if it is not an observer node."""
+    if isinstance(node, fx.Node) and node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        if isinstance(mod, Observer):
+            return mod
+    return None
 
 
 def get_attr(gm: fx.GraphModule, target: str) -> torch.Tensor:

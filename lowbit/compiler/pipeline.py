@@ -83,10 +83,9 @@ def compile_model(
     ctx.notes.update(signature=signature, target=target, supported_schemes=backend.schemes,
                      scheme_costs=getattr(backend, "scheme_costs", CPU_SCHEME_COSTS),
                      quantize_conv_outputs=getattr(backend, "quantize_conv_outputs", False),
-                     quantize_residual_adds=bool(options.get(
-                         "quantize_residual_adds", getattr(backend, "quantize_residual_adds", False))),
-                     quantize_attention_scores=bool(options.get(
-                         "quantize_attention_scores", getattr(backend, "quantize_attention_scores", False))),
+                     # engine choices a call may override (compile(..., quantize_attention_scores=False))
+                     **{k: bool(options.get(k, getattr(backend, k, False)))
+                        for k in ("quantize_residual_adds", "quantize_attention_scores")},
                      symmetric_activations=getattr(backend, "symmetric_activations", False))
     instruments: list[Any] = [VerifyInstrument(), TimingInstrument()]
     dump = dump_dir or os.environ.get("LOWBIT_DUMP_DIR")

@@ -49,7 +49,7 @@ import torch
 from torch import fx
 
 from lowbit.compiler import meta
-from lowbit.compiler.graph import QUANTIZABLE, annotated_nodes, attr_tensor, layer_macs
+from lowbit.compiler.graph import QUANTIZABLE, annotated_nodes, attr_tensor, layer_macs, observer_of
 from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
 from lowbit.compiler.sensitivity import (
     FLOAT,
@@ -65,7 +65,6 @@ from lowbit.compiler.sensitivity import (
 from lowbit.config import QuantConfig
 from lowbit.errors import PlanError
 from lowbit.passes.annotate import engine_spec, layer_problem
-from lowbit.runtime.observers import Observer
 from lowbit.runtime.spec import LayerSpec, Plan
 
 #: options from least to most accurate; a layer only moves up this ladder
@@ -340,8 +339,7 @@ class PlanPrecision(Pass):
         for node in annotated_nodes(gm):
             spec = node.meta[meta.SPEC]
             x = node.args[0]
-            observed = isinstance(x, fx.Node) and x.op == "call_module" and isinstance(
-                gm.get_submodule(str(x.target)), Observer)
+            observed = observer_of(gm, x) is not None
             static = spec.activation is not None and not spec.activation.dynamic
             if observed != static:
                 problems.append(f"layer {node.meta[meta.LAYER]}: scheme {spec.scheme} but its input is "

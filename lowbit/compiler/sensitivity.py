@@ -44,9 +44,8 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from lowbit.compiler import meta
-from lowbit.compiler.graph import QUANTIZABLE, attr_tensor
+from lowbit.compiler.graph import QUANTIZABLE, attr_tensor, observer_of
 from lowbit.config import QuantConfig
-from lowbit.runtime.observers import Observer
 from lowbit.runtime.qparams import PER_TOKEN_EPS, dequantize_weight, quantize_weight, sqnr_db
 from lowbit.runtime.report import json_safe
 from lowbit.runtime.spec import LayerSpec, QuantSpec, scheme_spec
@@ -160,13 +159,6 @@ class Probe:
         self.layers: dict[str, ProbeLayer] = {}
         self._build()
 
-    def _observer(self, node: fx.Node) -> Observer | None:
-        if node.op == "call_module":
-            mod = self.gm.get_submodule(str(node.target))
-            if isinstance(mod, Observer):
-                return mod
-        return None
-
     def _add(self, prefix: str, module: nn.Module, args: tuple[Any, ...], before: fx.Node) -> fx.Node:
         name = f"{prefix}_{len(self.gm._modules)}"
         self.gm.add_submodule(name, module)
@@ -185,7 +177,7 @@ class Probe:
             w_node.meta["val"] = w  # layer_macs reads the weight's shape here
             node.replace_input_with(node.args[1], w_node)
             x = node.args[0]
-            obs = self._observer(x) if isinstance(x, fx.Node) else None
+            obs = observer_of(self.gm, x)
             static = None
             if obs is not None:
                 if id(obs) not in qparams:
@@ -198,20 +190,19 @@ class Probe:
         # what is left of the observers: output observers (follow their layer), residual-add outputs
         # (always quantized), or nothing
         for node in list(graph.nodes):
-            obs = self._observer(node)
+            obs = observer_of(self.gm, node)
             if obs is None:
                 continue
-            outs = [o.rsplit(":", 1)[0] for o in node.meta.get(meta.OBSERVES, []) if o.endswith(":output")]
-            residual = any(o.endswith(":residual") for o in node.meta.get(meta.OBSERVES, []))
-            if node.users and outs and outs[0] in self.layers:
-                qp = qparams.setdefault(id(obs), obs.calculate_qparams())
-                sw = ActivationSwitch((*qp, obs.spec))
-                self.layers[outs[0]].outputs.append(sw)
-                node.replace_all_uses_with(self._add("lowbit_probe_out", sw, (node.args[0],), node))
-            elif node.users and residual:  # a residual add's output quantizer stays whatever the plan
+            roles = node.meta.get(meta.OBSERVES, [])
+            owner = next((o.rsplit(":", 1)[0] for o in roles if o.endswith(":output")), None)
+            residual = any(o.endswith(":residual") for o in roles)
+            if node.users and (owner in self.layers or residual):
                 sw = ActivationSwitch((*qparams.setdefault(id(obs), obs.calculate_qparams()), obs.spec))
-                sw.mode = "static"
-                node.replace_all_uses_with(self._add("lowbit_probe_res", sw, (node.args[0],), node))
+                if owner in self.layers:
+                    self.layers[owner].outputs.append(sw)
+                else:  # a residual add's output quantizer stays whatever the plan
+                    sw.mode = "static"
+                node.replace_all_uses_with(self._add("lowbit_probe_out", sw, (node.args[0],), node))
             else:
                 node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)

@@ -20,7 +20,7 @@ from lowbit.compiler.patterns import attention_score_inputs
 from lowbit.config import QuantConfig
 from lowbit.errors import PlanError, QuantConfigError
 from lowbit.passes.fuse_activation import output_node
-from lowbit.runtime.spec import LayerSpec, Plan, QuantSpec
+from lowbit.runtime.spec import LayerSpec, Plan, QuantSpec, replace
 
 
 def check_spec_fits(spec: LayerSpec, op: str, weight_shape: tuple[int, ...]) -> str | None:
@@ -57,12 +57,12 @@ def engine_spec(spec: LayerSpec, op: str, ctx: PassContext, layer: str = "") -> 
     if (ctx.notes.get("quantize_conv_outputs") and op.startswith("conv") and spec.scheme == "w8a8"
             and spec.output is None):
         # the engine runs a conv as integer only with a quantized output (ORT's QLinearConv)
-        spec = LayerSpec(spec.scheme, spec.weight, spec.activation, output=spec.activation)
+        spec = replace(spec, output=spec.activation)
     if (ctx.notes.get("quantize_attention_scores") and spec.quantized and spec.output is None
             and layer in ctx.notes.get("attention_score_layers", ())):
         # a quantized query/key projection hands the attention int8 operands: the engine computes Q K^T
         # as an integer matmul (OpenVINO's int8 MHA). A layer kept in float keeps its output float too.
-        spec = LayerSpec(spec.scheme, spec.weight, spec.activation, output=SCORE_OPERAND)
+        spec = replace(spec, output=SCORE_OPERAND)
     if ctx.notes.get("symmetric_activations") and spec.activation is not None and not spec.activation.dynamic:
         # the engine's Q/DQ take symmetric int8 only (TensorRT: zero point 0): static activations follow
         sym = QuantSpec("int8", True, "per_tensor")

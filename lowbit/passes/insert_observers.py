@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from lowbit.compiler import meta
-from lowbit.compiler.graph import annotated_nodes
+from lowbit.compiler.graph import annotated_nodes, observer_of
 from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
 from lowbit.compiler.patterns import residual_adds
 from lowbit.config import QuantConfig
@@ -35,7 +35,8 @@ class InsertObservers(Pass):
 
         def observer_for(value: fx.Node, spec: QuantSpec, layer_name: str, role: str) -> fx.Node:
             nonlocal counter
-            if _observer(gm, value) is not None and _observer(gm, value).spec == spec:
+            existing = observer_of(gm, value)
+            if existing is not None and existing.spec == spec:
                 # already quantized this way (the producer's output quantizer): share it, not Q/DQ it twice
                 value.meta[meta.OBSERVES].append(f"{layer_name}:{role}")
                 return value
@@ -90,48 +91,33 @@ class InsertObservers(Pass):
         """
         done = 0
         for add in residual_adds(gm):
-            operands = list(add.args[:2])
-            for x in operands:
-                if _observer(gm, x) is None and isinstance(x, fx.Node):
-                    shared = next((u for u in x.users if _observer(gm, u) is not None and u.args[0] is x), None)
+            for x in add.args[:2]:
+                if isinstance(x, fx.Node) and observer_of(gm, x) is None:
+                    shared = _observer_user(gm, x)
                     if shared is not None:
                         add.replace_input_with(x, shared)
-            obs = [_observer(gm, x) for x in add.args[:2]]
-            if any(o is None for o in obs):
+            operands = [observer_of(gm, x) for x in add.args[:2]]
+            if any(o is None for o in operands):
                 continue
             out = add
             if len(add.users) == 1 and next(iter(add.users)).target in (aten.relu.default, aten.relu_.default):
                 out = next(iter(add.users))
-            if any(_observer(gm, u) is not None for u in out.users):
-                done += 1  # a layer reads it quantized already: share that quantizer
-                users = list(out.users)
-                shared = next(u for u in users if _observer(gm, u) is not None and u.args[0] is out)
-                for u in users:
-                    if u is not shared and _observer(gm, u) is None:
-                        u.replace_input_with(out, shared)
-                continue
-            layer = add.args[0].meta[meta.OBSERVES][0].rsplit(":", 1)[0]
             users = list(out.users)
-            node = observer_for(out, obs[0].spec, layer, "residual")
+            obs = _observer_user(gm, out)  # a layer that reads it quantized already: share that quantizer
+            if obs is None:
+                layer = add.args[0].meta[meta.OBSERVES][0].rsplit(":", 1)[0]
+                obs = observer_for(out, operands[0].spec, layer, "residual")
             for u in users:
-                u.replace_input_with(out, node)
+                if u is not obs and observer_of(gm, u) is None:
+                    u.replace_input_with(out, obs)
             done += 1
         return done
 
 
-def _observer(gm: fx.GraphModule, node: object) -> Observer | None:
-    if isinstance(node, fx.Node) and node.op == "call_module":
-        mod = gm.get_submodule(str(node.target))
-        if isinstance(mod, Observer):
-            return mod
-    return None
+def _observer_user(gm: fx.GraphModule, x: fx.Node) -> fx.Node | None:
+    """An observer node reading ``x``, if any."""
+    return next((u for u in x.users if observer_of(gm, u) is not None and u.args[0] is x), None)
 
 
 def observer_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, Observer]]:
-    out = []
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            mod = gm.get_submodule(str(n.target))
-            if isinstance(mod, Observer):
-                out.append((n, mod))
-    return out
+    return [(n, obs) for n in gm.graph.nodes if (obs := observer_of(gm, n)) is not None]

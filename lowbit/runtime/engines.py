@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +113,6 @@ class OpenVinoRunner:
         self._ov = ov
         self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
-        self.inputs = [p.get_any_name() for p in self.compiled.inputs]
         self.num_outputs = len(self.compiled.outputs)
         self.static_key: tuple[tuple[int, ...], ...] | None = None
         if static_shapes is not None:
@@ -135,13 +134,18 @@ class OpenVinoRunner:
         request.infer()
         return [torch.from_numpy(request.get_output_tensor(i).data.copy()) for i in range(self.num_outputs)]
 
-    def int8_layers(self, weights: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-        found: dict[str, dict[str, Any]] = {}
-        for op in self.compiled.get_runtime_model().get_ops():
+    def _executed(self) -> Iterator[tuple[str, str, str]]:
+        """(original ONNX node names, layer type, runtime precision) of each node of the compiled model."""
+        for op in self.compiled.get_runtime_model().get_ordered_ops():
             info = op.get_rt_info()
             names = info["originalLayersNames"].astype(str) if "originalLayersNames" in info else ""
             kind = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
             prec = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "?"
+            yield names, kind, prec
+
+    def int8_layers(self, weights: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        for names, kind, prec in self._executed():
             if kind in ("Const", "Reorder", "Input", "Parameter", "Output", "Result"):
                 continue
             for original in names.split(","):
@@ -153,15 +157,7 @@ class OpenVinoRunner:
     def attention_kernels(self) -> list[str]:
         """``layerType:runtimePrecision`` of each executed node that runs a softmax (the fused MHA kernels:
         ``Subgraph:i8`` when Q K^T runs as an int8 matmul)."""
-        out = []
-        for op in self.compiled.get_runtime_model().get_ordered_ops():
-            info = op.get_rt_info()
-            names = info["originalLayersNames"].astype(str) if "originalLayersNames" in info else ""
-            if "softmax" in names.lower():
-                kind = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
-                prec = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "?"
-                out.append(f"{kind}:{prec}")
-        return out
+        return [f"{kind}:{prec}" for names, kind, prec in self._executed() if "softmax" in names.lower()]
 
 
 RUNNERS = {"onnxruntime": OrtRunner, "openvino": OpenVinoRunner}

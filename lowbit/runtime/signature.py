@@ -26,6 +26,10 @@ DTYPES = {str(d).replace("torch.", ""): d for d in (
 _DTYPE_NAMES = {d: name for name, d in DTYPES.items()}
 
 
+def _call_key(tensors: Sequence[torch.Tensor]) -> tuple[Any, ...]:
+    return tuple((t.dtype, t.shape) for t in tensors)
+
+
 def dtype_name(d: torch.dtype) -> str:
     name = _DTYPE_NAMES.get(d)
     return name if name is not None else str(d).replace("torch.", "")
@@ -89,12 +93,10 @@ class Signature:
 
     def flatten_call(self, args: Sequence[Any], kwargs: Mapping[str, Any], *, error: type[Exception] = InputError,
                      where: str = "input", check_finite: bool = False) -> list[torch.Tensor]:
-        if self.keywords is not None and not args and len(kwargs) == len(self.keywords) and not check_finite:
-            values = [kwargs.get(k) for k in self.keywords]  # the common call: every input by keyword
-            if all(type(v) is torch.Tensor for v in values):
-                key = tuple((v.dtype, v.shape) for v in values)
-                if key in self._accepted:
-                    return values
+        if not check_finite:
+            seen = self._seen_call(args, kwargs)
+            if seen is not None:
+                return seen
         if self.keywords is not None:
             if len(args) > len(self.keywords):
                 raise error(f"{where}: expected at most {len(self.keywords)} inputs {self.keywords}, got {len(args)}")
@@ -112,10 +114,6 @@ class Signature:
             if kwargs:
                 raise error(f"{where}: the model was compiled with positional inputs; got keywords {sorted(kwargs)}")
             values = list(args)
-            if not check_finite and all(type(v) is torch.Tensor for v in values):
-                key = tuple((v.dtype, v.shape) for v in values)
-                if key in self._accepted:
-                    return values
             if len(values) != self.num_positional:
                 raise error(f"{where}: expected {self.num_positional} positional inputs, got {len(values)}")
         values = [torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v for v in values]
@@ -127,8 +125,23 @@ class Signature:
             raise error(f"{where}: expected {len(self.inputs)} tensors {[s.name for s in self.inputs]}, got {len(leaves)}")
         self.check(leaves, error=error, where=where, check_finite=check_finite)
         if leaves is values and len(self._accepted) < 64:
-            self._accepted[tuple((v.dtype, v.shape) for v in leaves)] = None
+            self._accepted[_call_key(leaves)] = None
         return leaves
+
+    def _seen_call(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[torch.Tensor] | None:
+        """The flat inputs of a call made of plain tensors (all by keyword, or all positional) whose dtypes
+        and shapes were accepted before; None for any other call (it takes the full checks)."""
+        if self.keywords is not None:
+            if args or len(kwargs) != len(self.keywords):
+                return None
+            values = [kwargs.get(k) for k in self.keywords]
+        elif kwargs:
+            return None
+        else:
+            values = list(args)
+        if not all(type(v) is torch.Tensor for v in values) or _call_key(values) not in self._accepted:
+            return None
+        return values
 
     def check(self, tensors: Sequence[torch.Tensor], *, error: type[Exception] = InputError,
               where: str = "input", check_finite: bool = False) -> None:
