@@ -85,3 +85,28 @@ def test_user_metric_drives_the_analysis():
     section = q.report.sections["sensitivity"]
     assert section["metric"] == "fidelity_fn" and section["layers"][0]["layer"] == "mid"
     assert section["float_value"] == 0.0
+
+
+def test_forked_sweep_equals_one_plan_at_a_time():
+    """Probe.sweep runs the shared prefix once; every forked result must equal setting that plan and running
+    the whole graph (same ops in the same order: equal to float rounding)."""
+    _, cal, probe = probed()
+    quantized = {"first": "w8a8", "mid": "w8a8_dynamic", "last": "w8a8"}
+    changes = [("first", "float"), ("mid", "w4a16/g16"), ("last", "float"), ("mid", "float")]
+    x = cal[2][0]
+    got: dict[int, torch.Tensor] = {}
+    base_out = probe.sweep([x], quantized, changes, lambda k, outs: got.__setitem__(k, outs[0]))
+    assert {k: v.option for k, v in probe.layers.items()} == quantized  # left on the base plan
+    probe.set(quantized)
+    assert torch.allclose(base_out[0], probe(x)[0], rtol=0, atol=1e-6)
+    for k, (layer, option) in enumerate(changes):
+        probe.set({**quantized, layer: option})
+        assert torch.allclose(got[k], probe(x)[0], rtol=0, atol=1e-6), changes[k]
+        assert not torch.allclose(got[k], base_out[0], atol=1e-4), changes[k]  # the change did something
+    fid = SqnrFidelity(probe, [list(b) for b in cal[:2]], target=0.0)
+    value, values = fid.sweep(probe, quantized, changes)
+    probe.set(quantized)
+    assert abs(value - fid(probe)) < 1e-6
+    for k, (layer, option) in enumerate(changes):
+        probe.set({**quantized, layer: option})
+        assert abs(values[k] - fid(probe)) < 1e-6, changes[k]

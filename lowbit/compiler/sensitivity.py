@@ -28,6 +28,13 @@ quantized (``float_gain``, relative to all-quantized: what the planner ranks by)
 ``full=True``, the fidelity with only that layer quantized (``alone``). ``n + 1`` evaluations for ``n``
 layers (``2 n + 1`` in full); ``Sensitivity.write`` puts ``sensitivity.json`` and a bar chart
 ``sensitivity.png`` into a directory.
+
+**Forked passes.** The evaluations of one analysis differ from a base plan (all-quantized, or all-float
+for ``alone``) in one layer each, so ``Probe.sweep`` runs the graph once under the base plan and, at each
+layer's first switch, forks off the rest of the graph with that layer changed: everything before the layer
+runs once for all of them. On MiniLM-L6 (36 layers, 2 batches) the full analysis takes 18 s instead of
+35 s, with bit-identical results. A user metric (``FunctionFidelity``) runs the model its own way, so it
+is measured one plan at a time.
 """
 
 from __future__ import annotations
@@ -140,6 +147,7 @@ class ProbeLayer:
     input: ActivationSwitch
     outputs: list[ActivationSwitch] = field(default_factory=list)
     option: str = FLOAT
+    switches: list[fx.Node] = field(default_factory=list)  # the graph nodes of its weight and input switches
 
     @property
     def observed(self) -> bool:
@@ -185,8 +193,10 @@ class Probe:
                 static = (*qparams[id(obs)], obs.spec)
                 x = x.args[0]
             asw = ActivationSwitch(static)
-            node.replace_input_with(node.args[0], self._add("lowbit_probe_in", asw, (x,), node))
-            self.layers[name] = ProbeLayer(name, QUANTIZABLE[node.target], spec, wsw, asw)
+            in_node = self._add("lowbit_probe_in", asw, (x,), node)
+            node.replace_input_with(node.args[0], in_node)
+            self.layers[name] = ProbeLayer(name, QUANTIZABLE[node.target], spec, wsw, asw,
+                                           switches=[w_node, in_node])
         # what is left of the observers: output observers (follow their layer), residual-add outputs
         # (always quantized), or nothing
         for node in list(graph.nodes):
@@ -233,7 +243,55 @@ class Probe:
     def __call__(self, *flat: torch.Tensor) -> list[torch.Tensor]:
         with torch.no_grad():
             out = self.gm(*flat)
-        return list(out) if isinstance(out, (tuple, list)) else [out]
+        return _as_list(out)
+
+    def sweep(self, flat: Sequence[torch.Tensor], base: Mapping[str, str], changes: Sequence[tuple[str, str]],
+              on_output: Callable[[int, list[torch.Tensor]], None]) -> list[torch.Tensor]:
+        """The outputs under ``base``, and through ``on_output(i, outputs)`` those under ``base`` with the one
+        change ``changes[i] = (layer, option)``: each change forks off one pass of the graph under ``base``
+        at its layer's first switch, so the nodes before it run once for all changes. A sweep of n changes
+        costs about 1 + n/2 passes, not 1 + n. Leaves the probe on ``base``."""
+        nodes = list(self.gm.graph.nodes)
+        index = {n: i for i, n in enumerate(nodes)}
+        last_use = {n: max((index[u] for u in n.users), default=i) for i, n in enumerate(nodes)}
+        dead: list[list[fx.Node]] = [[] for _ in nodes]
+        for n, i in last_use.items():
+            dead[i].append(n)
+        forks: dict[int, list[int]] = {}
+        for k, (layer, _) in enumerate(changes):
+            forks.setdefault(min(index[n] for n in self.layers[layer].switches), []).append(k)
+        placeholders = iter(flat)
+        interp = fx.Interpreter(self.gm, garbage_collect_values=False)
+
+        def run(env: dict[fx.Node, Any], start: int) -> list[torch.Tensor]:
+            interp.env = env
+            for i in range(start, len(nodes)):
+                node = nodes[i]
+                if i in forks and env is base_env:
+                    for k in forks[i]:
+                        layer, option = changes[k]
+                        self.set({**base, layer: option})
+                        on_output(k, run(dict(env), i))
+                        interp.env = env
+                    self.set(base)
+                if node.op == "placeholder":
+                    env[node] = next(placeholders)
+                elif node.op == "output":
+                    return _as_list(interp.run_node(node))
+                else:
+                    env[node] = interp.run_node(node)
+                for d in dead[i]:
+                    env.pop(d, None)
+            raise AssertionError("graph without output")
+
+        self.set(base)
+        base_env: dict[fx.Node, Any] = {}
+        with torch.no_grad():
+            return run(base_env, 0)
+
+
+def _as_list(out: Any) -> list[torch.Tensor]:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,10 +321,32 @@ class SqnrFidelity:
     def __call__(self, probe: Probe) -> float:
         signal = noise = 0.0
         for flat, ref in zip(self.batches, self.reference, strict=True):
-            for r, t in zip(ref, _float_outputs(probe(*flat)), strict=True):
-                signal += float(r.pow(2).sum())
-                noise += float((r - t.double()).pow(2).sum())
+            signal += self._signal(ref)
+            noise += self._noise(ref, probe(*flat))
         return sqnr_db(signal, noise)
+
+    def sweep(self, probe: Probe, base: Mapping[str, str], changes: Sequence[tuple[str, str]],
+              tick: Callable[[], Any] = lambda: None) -> tuple[float, list[float]]:
+        """The fidelity under ``base`` and under ``base`` with each one change, from one ``Probe.sweep`` per
+        batch (the same numbers as setting each plan and calling this fidelity, for about half the work)."""
+        signal = base_noise = 0.0
+        noise = [0.0] * len(changes)
+        for flat, ref in zip(self.batches, self.reference, strict=True):
+            def take(k: int, outs: list[torch.Tensor], ref: list[torch.Tensor] = ref) -> None:
+                noise[k] += self._noise(ref, outs)
+                tick()
+
+            signal += self._signal(ref)
+            base_noise += self._noise(ref, probe.sweep(flat, base, changes, take))
+        return sqnr_db(signal, base_noise), [sqnr_db(signal, n) for n in noise]
+
+    @staticmethod
+    def _signal(ref: Sequence[torch.Tensor]) -> float:
+        return sum(float(r.pow(2).sum()) for r in ref)
+
+    @staticmethod
+    def _noise(ref: Sequence[torch.Tensor], outs: Sequence[Any]) -> float:
+        return sum(float((r - t.double()).pow(2).sum()) for r, t in zip(ref, _float_outputs(outs), strict=True))
 
 
 class FunctionFidelity:
@@ -392,17 +472,25 @@ def analyze(probe: Probe, quantized: Mapping[str, str], fidelity: Fidelity, macs
         probe.set(quantized)
         base = fidelity(probe)
         evaluations += 1
-    rows = []
-    for name in tqdm(names, desc="lowbit sensitivity", unit="layer", disable=None if progress else True, leave=False):
-        alone = None
-        if full:
-            probe.set({name: quantized[name]})
-            alone = fidelity(probe)
-        probe.set({**quantized, name: FLOAT})
-        without = fidelity(probe)
-        evaluations += 1 + int(full)
-        rows.append(LayerSensitivity(name, quantized[name], int((macs or {}).get(name, 0)), _gain(without, base),
-                                     alone))
+    alone: list[float | None] = [None] * len(names)
+    if isinstance(fidelity, SqnrFidelity):  # one forked pass per batch: each change re-runs only what follows it
+        with tqdm(total=len(names) * (1 + int(full)) * len(fidelity.batches), desc="lowbit sensitivity",
+                  unit="eval", disable=None if progress else True, leave=False) as bar:
+            if full:
+                _, alone = fidelity.sweep(probe, {}, [(n, quantized[n]) for n in names], bar.update)
+            _, without = fidelity.sweep(probe, quantized, [(n, FLOAT) for n in names], bar.update)
+    else:  # a user metric runs the model its own way: one plan at a time
+        without = []
+        for i, name in enumerate(tqdm(names, desc="lowbit sensitivity", unit="layer",
+                                      disable=None if progress else True, leave=False)):
+            if full:
+                probe.set({name: quantized[name]})
+                alone[i] = fidelity(probe)
+            probe.set({**quantized, name: FLOAT})
+            without.append(fidelity(probe))
+    evaluations += len(names) * (1 + int(full))
+    rows = [LayerSensitivity(name, quantized[name], int((macs or {}).get(name, 0)), _gain(w, base), a)
+            for name, w, a in zip(names, without, alone, strict=True)]
     probe.set(quantized)
     rows.sort(key=lambda r: (-_finite(r.float_gain), _finite(r.alone if r.alone is not None else 0.0)))
     return Sensitivity(fidelity.metric, fidelity.unit, base, fidelity.float_value, rows, evaluations)
