@@ -11,6 +11,7 @@ from lowbit.runtime.qparams import (
     dequantize,
     dequantize_weight,
     fake_quantize,
+    fake_quantize_per_tensor,
     quantize,
     quantize_per_token,
     quantize_weight,
@@ -111,3 +112,13 @@ def test_spec_rejects_nonsense():
         QuantSpec("uint8", True)
     with pytest.raises(ValueError, match="group_size"):
         QuantSpec("int4", True, "per_group")
+
+
+@pytest.mark.parametrize("scale,zp,qmin,qmax", [(0.05, 128, 0, 255), (0.0123456, 0, -128, 127), (1 / 3, 5, 0, 255),
+                                                (7.1e-4, -3, -128, 127)])
+def test_fast_fake_quantize_equals_torch_bit_for_bit(scale, zp, qmin, qmax):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 64, 96, generator=g) * 200 * scale  # clamps at both ends
+    x.view(-1)[:2048] = (torch.randint(-300, 300, (2048,), generator=g).float() + 0.5) * scale  # ties
+    expected = torch.fake_quantize_per_tensor_affine(x, scale, zp, qmin, qmax)
+    assert torch.equal(fake_quantize_per_tensor(x, scale, zp, qmin, qmax), expected)

@@ -53,7 +53,13 @@ from tqdm.auto import tqdm
 from lowbit.compiler import meta
 from lowbit.compiler.graph import QUANTIZABLE, attr_tensor, observer_of
 from lowbit.config import QuantConfig
-from lowbit.runtime.qparams import PER_TOKEN_EPS, dequantize_weight, quantize_weight, sqnr_db
+from lowbit.runtime.qparams import (
+    PER_TOKEN_EPS,
+    dequantize_weight,
+    fake_quantize_per_tensor,
+    quantize_weight,
+    sqnr_db,
+)
 from lowbit.runtime.report import json_safe
 from lowbit.runtime.spec import LayerSpec, QuantSpec, scheme_spec
 
@@ -125,7 +131,7 @@ class ActivationSwitch(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "static" and self.static is not None:
             scale, zp, spec = self.static
-            return torch.fake_quantize_per_tensor_affine(x, scale, zp, spec.qmin, spec.qmax)
+            return fake_quantize_per_tensor(x, scale, zp, spec.qmin, spec.qmax)
         if self.mode == "token":
             # quantized_decomposed's per-token convention: symmetric int8, scale = max(absmax, 1e-5) / 127
             scale = x.detach().abs().amax(dim=-1, keepdim=True).clamp(min=PER_TOKEN_EPS) / 127.0

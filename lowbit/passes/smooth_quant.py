@@ -70,6 +70,7 @@ from lowbit.passes.calibrate import calibration_batches, stream_calibration
 from lowbit.runtime.qparams import (
     choose_qparams,
     dequantize_weight,
+    fake_quantize_per_tensor,
     quantize_per_token,
     quantize_weight,
     weight_range,
@@ -345,7 +346,7 @@ class SmoothQuant(Pass):
                 elif act is not None:
                     lo, hi = float((g.lo / s).min()), float((g.hi / s).max())
                     scale, zp = choose_qparams(torch.tensor(lo), torch.tensor(hi), act)
-                    fq[act] = torch.fake_quantize_per_tensor_affine(xs, float(scale), int(zp), act.qmin, act.qmax)
+                    fq[act] = fake_quantize_per_tensor(xs, float(scale), int(zp), act.qmin, act.qmax)
                 else:
                     fq[act] = xs
             out = fq[act] @ wq.t()
