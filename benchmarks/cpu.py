@@ -96,7 +96,7 @@ def minilm_workload(model: torch.nn.Module) -> Workload:
         ort_optimizer={"model_type": "bert", "num_heads": 12, "hidden_size": 384},
         nncf_model_type="TRANSFORMER",
         lowbit_dynamic_shapes={"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}},
-        pt2e_module=lambda: _LastHidden(model).eval(),
+        traced_module=lambda: _LastHidden(model).eval(),
     )
 
 

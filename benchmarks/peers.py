@@ -52,8 +52,9 @@ class Workload:
     nncf_model_type: str | None = None
     #: lowbit.compile(dynamic_shapes=...)
     lowbit_dynamic_shapes: dict[str, Any] | None = None
-    #: the module handed to PT2E's torch.export (default: export_module())
-    pt2e_module: Callable[[], torch.nn.Module] | None = None
+    #: the module PT2E and lowbit capture with torch.export (default: export_module()): like every peer's
+    #: model, it computes the main output only (MiniLM: last_hidden_state, not BertModel's pooler too)
+    traced_module: Callable[[], torch.nn.Module] | None = None
     onnx_opset: int = 17
 
 
@@ -393,7 +394,7 @@ def build_pt2e(wl: Workload, ctx: BuildContext) -> Built:
     prepare_pt2e, convert_pt2e, Quantizer, default_config, where = pt2e_api()
     lift_pass = inductor_config.pre_grad_custom_pass
     inductor_config.pre_grad_custom_pass = previous_pass
-    module = (wl.pt2e_module or wl.export_module)().eval()
+    module = (wl.traced_module or wl.export_module)().eval()
     args = tuple(ctx.example[n] for n in wl.input_names)
     with torch.no_grad():
         ep = torch.export.export(module, args)  # static shapes: the example batch's
@@ -429,7 +430,8 @@ def build_lowbit(wl: Workload, ctx: BuildContext, row: LowbitRow) -> Built:
     import lowbit
 
     cfg = lowbit.QuantConfig(**row.config) if row.config else None
-    q = lowbit.compile(wl.model, ctx.calibration[0], target=row.target,
+    module = (wl.traced_module or wl.export_module)().eval()
+    q = lowbit.compile(module, ctx.calibration[0], target=row.target,
                        calibration=ctx.calibration, config=cfg, dynamic_shapes=wl.lowbit_dynamic_shapes,
                        progress=False, **row.options)
     with torch.no_grad():
