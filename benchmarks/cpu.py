@@ -56,6 +56,9 @@ LOWBIT_ROWS: list[LowbitRow] = [
     # the default with the attention scores left in float (bf16 MHA kernel): what int8 Q K^T brings
     LowbitRow("lowbit openvino-int8, float attention scores", "openvino-int8",
               options={"quantize_attention_scores": False}),
+    # the default plus the full per-layer sensitivity analysis (2 n + 1 fidelity evaluations): its compile s
+    # is the compile-time figure with sensitivity included
+    LowbitRow("lowbit openvino-int8, + sensitivity analysis", "openvino-int8", config={"sensitivity": True}),
 ]
 CNN_ROWS = [r for r in LOWBIT_ROWS if "attention" not in r.label]  # the CNN has no attention
 
