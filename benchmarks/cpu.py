@@ -146,8 +146,8 @@ def run_cnn(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                    args.rows)
     ctx = harness.BuildContext(calibration=s["cal"], example=test[0], workdir=workdir, threads=args.threads,
                                stages=harness.StageCache())
-    res = harness.run_benchmark(specs, ctx, score=s["score"], timing_batches=test, rounds=args.rounds,
-                                iters=args.iters, warmup=args.warmup, log=lambda m: print(m, flush=True))
+    res = harness.run_benchmark(specs, ctx, score=s["score"], timing_batches=test, rounds=args.cnn_rounds,
+                                iters=args.cnn_iters, warmup=args.warmup, log=lambda m: print(m, flush=True))
     res.update({
         "workload": "SmallResNet (conv/BN/ReLU/residual/avg-pool/linear) trained on sklearn digits, 32x32",
         "batch": [cnn.BATCH, 1, 32, 32], "calibration_batches": len(s["cal"]), "test_images": len(s["data"].y_test),
@@ -174,6 +174,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--only", choices=("minilm", "cnn"), help="run one of the two benchmarks")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 10; quick 2)")
     ap.add_argument("--iters", type=int, default=None, help="timed calls per row per round (default 5; quick 2)")
+    ap.add_argument("--cnn-rounds", type=int, default=None,
+                    help="CNN timing rounds (default: --rounds if given, else 30; quick 2)")
+    ap.add_argument("--cnn-iters", type=int, default=None,
+                    help="CNN timed calls per row per round (default: --iters if given, else 20; quick 2): a CNN call "
+                         "takes ~0.5 ms, so 5 calls a round are at the mercy of one scheduler hiccup")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls per row before the first round")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cal-batches", type=int, default=None, help="calibration batches (default 32; quick 4)")
@@ -183,6 +188,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="directory for cpu.json and cpu.md")
     args = ap.parse_args(argv)
     q = args.quick
+    args.cnn_rounds = args.cnn_rounds or args.rounds or (2 if q else 30)
+    args.cnn_iters = args.cnn_iters or args.iters or (2 if q else 20)
     args.rounds = args.rounds or (2 if q else 10)
     args.iters = args.iters or (2 if q else 5)
     args.cal_batches = args.cal_batches or (4 if q else 32)
@@ -196,10 +203,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def render(payload: dict[str, Any]) -> str:
     env = payload["environment"]
     v = env["versions"]
+    a = payload["args"]
     out = [f"# lowbit CPU benchmark ({env['time_utc']})", "",
            f"{env['cpu']}, {env['threads']} threads; torch {v['torch']}, onnxruntime {v['onnxruntime']}, "
            f"openvino {v['openvino']}, nncf {v['nncf']}, torchao {v['torchao']}; "
-           f"{payload['args']['rounds']} interleaved rounds x {payload['args']['iters']} calls per row; "
+           f"interleaved rounds x calls per row: MiniLM {a['rounds']} x {a['iters']}, "
+           f"CNN {a.get('cnn_rounds', a['rounds'])} x {a.get('cnn_iters', a['iters'])}; "
            "speedup vs the fastest FP32 row." + (" **--quick: not a measurement.**" if payload["args"]["quick"] else "")]
     load = [env.get("load_avg_start"), env.get("load_avg_end")]
     if all(load):
