@@ -57,6 +57,10 @@ class Workload:
     traced_module: Callable[[], torch.nn.Module] | None = None
     onnx_opset: int = 17
 
+    def traced(self) -> torch.nn.Module:
+        """A fresh module for torch.export (PT2E and lowbit), in eval mode."""
+        return (self.traced_module or self.export_module)().eval()
+
 
 @dataclass
 class LowbitRow:
@@ -394,7 +398,7 @@ def build_pt2e(wl: Workload, ctx: BuildContext) -> Built:
     prepare_pt2e, convert_pt2e, Quantizer, default_config, where = pt2e_api()
     lift_pass = inductor_config.pre_grad_custom_pass
     inductor_config.pre_grad_custom_pass = previous_pass
-    module = (wl.traced_module or wl.export_module)().eval()
+    module = wl.traced()
     args = tuple(ctx.example[n] for n in wl.input_names)
     with torch.no_grad():
         ep = torch.export.export(module, args)  # static shapes: the example batch's
@@ -430,7 +434,7 @@ def build_lowbit(wl: Workload, ctx: BuildContext, row: LowbitRow) -> Built:
     import lowbit
 
     cfg = lowbit.QuantConfig(**row.config) if row.config else None
-    module = (wl.traced_module or wl.export_module)().eval()
+    module = wl.traced()
     q = lowbit.compile(module, ctx.calibration[0], target=row.target,
                        calibration=ctx.calibration, config=cfg, dynamic_shapes=wl.lowbit_dynamic_shapes,
                        progress=False, **row.options)

@@ -129,15 +129,18 @@ def search(probe: Probe, choices: Mapping[str, Choice], costs: Mapping[str, floa
     full (with each layer alone) when ``full_sensitivity``. ``spec_for(layer, option)`` builds the specs
     of the plan a FidelityError carries (default: the option's specs under a default QuantConfig)."""
     current = {k: c.start for k, c in choices.items()}
-    probe.set(current)
-    f = fidelity(probe)
-    evals = 1
-    start_f = f
+    macs = {k: c.macs for k, c in choices.items()}
     sens = None
-    if f < fidelity.target or full_sensitivity:
-        sens = analyze(probe, current, fidelity, {k: c.macs for k, c in choices.items()}, full=full_sensitivity,
-                       base=f, progress=progress)
-        evals += sens.evaluations
+    if full_sensitivity:  # the analysis measures the start plan too
+        sens = analyze(probe, current, fidelity, macs, full=True, progress=progress)
+        f, evals = sens.all_quantized, sens.evaluations
+    else:
+        probe.set(current)
+        f, evals = fidelity(probe), 1
+        if f < fidelity.target:
+            sens = analyze(probe, current, fidelity, macs, full=False, base=f, progress=progress)
+            evals += sens.evaluations
+    start_f = f
     steps: list[dict[str, Any]] = []
     best = (f, dict(current))
     if f >= fidelity.target:
