@@ -41,7 +41,8 @@ class QuantConfig:
     better; ``model`` is called like the original) within ``fidelity_tolerance`` of its float value.
     ``plan_schemes`` restricts the schemes the planner may choose. ``sensitivity=True`` computes the
     full per-layer sensitivity table (report section, ``sensitivity.png`` in the dump directory) even
-    when the plan needs no search. Calibration is read more than once (statistics, ranges, fidelity): a
+    when the plan needs no search. ``embeddings="int8"`` stores large embedding tables as int8 with a
+    scale per row (``lowbit/passes/quantize_embeddings.py``); ``"float"`` keeps them as they are. Calibration is read more than once (statistics, ranges, fidelity): a
     one-shot iterator is turned into a list.
     """
 
@@ -62,6 +63,7 @@ class QuantConfig:
     fidelity_batches: int = 2
     plan_schemes: tuple[str, ...] | None = None
     sensitivity: bool = False
+    embeddings: str = "int8"
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -77,6 +79,8 @@ class QuantConfig:
                 f"QuantConfig.weight_granularity must be one of {', '.join(WEIGHT_GRANULARITIES)}; "
                 f"got {self.weight_granularity!r}"
             )
+        if self.embeddings not in ("int8", "float"):
+            raise QuantConfigError(f"QuantConfig.embeddings must be 'int8' or 'float'; got {self.embeddings!r}")
         if self.group_size not in (32, 64, 128, 256):
             raise QuantConfigError(f"QuantConfig.group_size must be 32, 64, 128 or 256; got {self.group_size}")
         alpha = self.smoothquant_alpha
@@ -156,7 +160,8 @@ class QuantConfig:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> QuantConfig:
-        return cls(**d)
+        # a config saved before ``embeddings`` existed was compiled with float tables: keep them so
+        return cls(**{"embeddings": "float", **d})
 
 
 __all__ = ["QuantConfig", "QuantSpec"]

@@ -53,7 +53,10 @@ def bert():
 
 def test_meets_a_target_on_tiny_bert_and_the_fidelity_is_measured(bert):
     cal = [bert_batch(4, 16, i) for i in range(1, 4)]
-    base = lowbit.compile(bert, bert_batch(2, 16, 0), calibration=cal, dynamic_shapes=BERT_DYN, progress=False)
+    # float embedding tables: the all-w8a8 start is then the linears' error alone (int8 tables cost this
+    # random-weight model ~46 dB, which a target 4 dB above the start would have to refuse anyway)
+    base = lowbit.compile(bert, bert_batch(2, 16, 0), calibration=cal, dynamic_shapes=BERT_DYN, progress=False,
+                          config=QuantConfig(embeddings="float"))
     start = base.report.sections["plan"]["start_fidelity"]
     assert base._plan.counts() == {"w8a8": 7}  # the default target is met as it is: nothing promoted
     target = start + 4.0
@@ -66,6 +69,22 @@ def test_meets_a_target_on_tiny_bert_and_the_fidelity_is_measured(bert):
     b = cal[0]
     assert sqnr(bert(**b).last_hidden_state, q(**b)[0]) >= target - 1.0
     assert "sensitivity" in q.report.sections and "plan: sqnr_db" in str(q.report)
+    assert any("embeddings stay float" in w for w in q.report.sections["warnings"])
+
+
+def test_fidelity_counts_the_int8_embedding_tables(bert):
+    """With int8 tables the planner measures against the float model, not the graph's own float run:
+    its fidelity is what the compiled model gives on the same batches."""
+    cal = [bert_batch(4, 16, i) for i in range(1, 4)]
+    q = lowbit.compile(bert, bert_batch(2, 16, 0), calibration=cal, dynamic_shapes=BERT_DYN, progress=False)
+    assert q.report.sections["embeddings"]["tables"]
+    measured = q.report.sections["plan"]["fidelity"]
+    with torch.no_grad():
+        ref = torch.cat([bert(**b).last_hidden_state.flatten() for b in cal[:2]])
+        out = torch.cat([q(**b)[0].flatten() for b in cal[:2]])
+    assert abs(sqnr(ref, out) - measured) < 0.1, (sqnr(ref, out), measured)
+    alone = q.report.sections["embeddings"]["alone_sqnr_db"]
+    assert measured < alone  # the tables' error is in it
 
 
 def test_promotes_the_sensitive_layer_only():

@@ -24,6 +24,7 @@ from lowbit.passes import (
     FuseLinearBias,
     InsertObservers,
     LowerQDQ,
+    QuantizeEmbeddings,
 )
 from lowbit.passes.smooth_quant import SmoothQuant, reiterable
 from lowbit.runtime.model import CompiledModel
@@ -38,6 +39,7 @@ def default_passes() -> list[Pass]:
         FoldConvBatchNorm(),  # BN disappears into conv/linear weights before quantization sees them
         FuseLinearBias(),  # matmul + add -> linear: the bias rides in the integer accumulator
         FuseActivation(),  # conv/linear + relu groups: an output quantizer goes after the relu
+        QuantizeEmbeddings(),  # large embedding tables -> int8 rows + a scale per row, gathered then scaled
         SmoothQuant(),  # move activation outliers into the weights (exact in float) before ranges are taken
         Annotate(),  # QuantConfig / plan -> one frozen LayerSpec per layer: the policy
         InsertObservers(),  # where static activation ranges are measured (shared by Q/K/V)
@@ -86,7 +88,8 @@ def compile_model(
                      # engine choices a call may override (compile(..., quantize_attention_scores=False))
                      **{k: bool(options.get(k, getattr(backend, k, False)))
                         for k in ("quantize_residual_adds", "quantize_attention_scores")},
-                     symmetric_activations=getattr(backend, "symmetric_activations", False))
+                     symmetric_activations=getattr(backend, "symmetric_activations", False),
+                     int8_embeddings=getattr(backend, "int8_embeddings", True))
     instruments: list[Any] = [VerifyInstrument(), TimingInstrument()]
     dump = dump_dir or os.environ.get("LOWBIT_DUMP_DIR")
     ctx.notes["dump_dir"] = dump  # a backend that cannot finish writes what it has there (tensorrt-int8)
@@ -118,6 +121,8 @@ def build_report(target: str, ctx: PassContext, records: list[PassRecord]) -> Re
     report = Report(target, layers, passes)
     if smooth:
         report.sections["smooth_quant"] = smooth
+    if "embeddings" in ctx.notes:
+        report.sections["embeddings"] = ctx.notes["embeddings"]
     if "plan_search" in ctx.notes:
         report.sections["plan"] = ctx.notes["plan_search"]
     if "sensitivity" in ctx.notes:

@@ -45,7 +45,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import fx
 
 from lowbit.compiler import meta
@@ -58,6 +57,7 @@ from lowbit.compiler.sensitivity import (
     Sensitivity,
     SqnrFidelity,
     analyze,
+    fidelity_batches,
     option_of,
     option_spec,
     scheme_of,
@@ -256,15 +256,6 @@ def undominated(options: Sequence[str], costs: Mapping[str, float]) -> tuple[str
     return tuple(o for i, o in enumerate(options) if all(cost(p) > cost(o) for p in options[i + 1:]))
 
 
-def fidelity_batches(ctx: PassContext, n: int) -> list[list[torch.Tensor]]:
-    signature = ctx.notes["signature"]
-    out = []
-    for i, batch in enumerate(ctx.calibration or ()):
-        if i >= n:
-            break
-        out.append(signature.flatten(batch, where=f"calibration batch {i}"))
-    return out
-
 
 class PlanPrecision(Pass):
     """Search the cheapest plan meeting the fidelity target and rewrite the specs it changes."""
@@ -286,10 +277,13 @@ class PlanPrecision(Pass):
         choices = layer_choices(gm, ctx, probe, macs, costs)
         if config.fidelity_fn is not None:
             fid: SqnrFidelity | FunctionFidelity = FunctionFidelity(
-                probe, config.fidelity_fn, config.fidelity_tolerance, ctx.notes["signature"])
+                probe, config.fidelity_fn, config.fidelity_tolerance, ctx.notes["signature"],
+                float_value=ctx.notes.get("float_fidelity"))
         else:
             target = config.target_sqnr_db if config.target_sqnr_db is not None else -math.inf
-            fid = SqnrFidelity(probe, batches, target)
+            # the float model's outputs as quantize_embeddings found them, before its int8 tables: the
+            # fidelity of every plan then counts their error too (the graph's own float run would not)
+            fid = SqnrFidelity(probe, batches, target, reference=ctx.notes.get("float_outputs"))
         if not config.plans_automatically:  # sensitivity only
             fid.target = -math.inf
         result = search(probe, choices, costs, fid, full_sensitivity=config.sensitivity,

@@ -311,6 +311,29 @@ def _as_list(out: Any) -> list[torch.Tensor]:
 # --------------------------------------------------------------------------------------------------
 
 
+def fidelity_batches(ctx: Any, n: int) -> list[list[torch.Tensor]]:
+    """The first ``n`` calibration batches of a PassContext, flattened: what fidelity is measured on."""
+    signature = ctx.notes["signature"]
+    out = []
+    for i, batch in enumerate(ctx.calibration or ()):
+        if i >= n:
+            break
+        out.append(signature.flatten(batch, where=f"calibration batch {i}"))
+    return out
+
+
+def float_outputs(outs: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a graph's outputs: what SQNR fidelity compares."""
+    return _float_outputs(_as_list(outs))
+
+
+def outputs_sqnr_db(reference: Sequence[Sequence[torch.Tensor]], outputs: Sequence[Sequence[torch.Tensor]]) -> float:
+    """SQNR (dB) of per-batch output lists against per-batch reference lists, all energies summed."""
+    signal = sum(SqnrFidelity._signal(ref) for ref in reference)
+    noise = sum(SqnrFidelity._noise(ref, outs) for ref, outs in zip(reference, outputs, strict=True))
+    return sqnr_db(signal, noise)
+
+
 def _float_outputs(outs: Sequence[Any]) -> list[torch.Tensor]:
     return [o for o in outs if isinstance(o, torch.Tensor) and o.is_floating_point()]
 
@@ -321,14 +344,20 @@ class SqnrFidelity:
     unit = "dB"
     metric = "sqnr_db"
 
-    def __init__(self, probe: Probe, batches: Sequence[list[torch.Tensor]], target: float) -> None:
+    def __init__(self, probe: Probe, batches: Sequence[list[torch.Tensor]], target: float,
+                 reference: Sequence[Sequence[torch.Tensor]] | None = None) -> None:
+        """``reference``: the float outputs of ``batches`` when the graph's own all-float run is not the
+        float model (quantize_embeddings' int8 tables are in every run of the graph)."""
         self.batches = list(batches)
         self.target = float(target)
-        saved = {k: v.option for k, v in probe.layers.items()}
-        probe.set({})
-        self.reference = [[t.detach().double() for t in _float_outputs(probe(*b))] for b in self.batches]
+        if reference is not None and len(reference) == len(self.batches):
+            self.reference = [[t.detach().double() for t in outs] for outs in reference]
+        else:
+            saved = {k: v.option for k, v in probe.layers.items()}
+            probe.set({})
+            self.reference = [[t.detach().double() for t in _float_outputs(probe(*b))] for b in self.batches]
+            probe.set(saved)
         self.float_value = math.inf
-        probe.set(saved)
 
     def __call__(self, probe: Probe) -> float:
         signal = noise = 0.0
@@ -372,13 +401,16 @@ class FunctionFidelity:
     metric = "fidelity_fn"
 
     def __init__(self, probe: Probe, fn: Callable[[Callable[..., Any]], float], tolerance: float,
-                 signature: Any) -> None:
+                 signature: Any, float_value: float | None = None) -> None:
+        """``float_value``: the metric of the float model when the graph's own all-float run is not it."""
         self.fn = fn
         self.signature = signature
-        saved = {k: v.option for k, v in probe.layers.items()}
-        probe.set({})
-        self.float_value = float(self(probe))
-        probe.set(saved)
+        if float_value is None:
+            saved = {k: v.option for k, v in probe.layers.items()}
+            probe.set({})
+            float_value = float(self(probe))
+            probe.set(saved)
+        self.float_value = float(float_value)
         self.target = self.float_value - tolerance
 
     def __call__(self, probe: Probe) -> float:

@@ -8,9 +8,10 @@ from lowbit.passes.fuse_activation import FuseActivation
 from lowbit.passes.fuse_linear_bias import FuseLinearBias
 from lowbit.passes.insert_observers import InsertObservers
 from lowbit.passes.lower_qdq import LowerQDQ
+from lowbit.passes.quantize_embeddings import QuantizeEmbeddings
 from lowbit.passes.smooth_quant import SmoothQuant
 
 __all__ = [
     "Annotate", "Calibrate", "Canonicalize", "FoldConvBatchNorm", "FuseActivation", "FuseLinearBias",
-    "InsertObservers", "LowerQDQ", "SmoothQuant",
+    "InsertObservers", "LowerQDQ", "QuantizeEmbeddings", "SmoothQuant",
 ]

@@ -54,6 +54,8 @@ class TensorRTBackend:
     scheme_costs = {"w8a8": 1.0, "float": 4.0}
     #: TensorRT's Q/DQ are symmetric (zero point 0): annotate makes static activations symmetric int8
     symmetric_activations = True
+    #: int8 tensors only between Q/DQ: embedding tables stay float (quantize_embeddings is skipped)
+    int8_embeddings = False
     #: TensorRT fuses DQ -> Conv without an output quantizer (its docs: do not quantize weighted-op outputs)
     quantize_conv_outputs = False
 
