@@ -143,6 +143,32 @@ def test_artifact_reloads_without_the_compiler(compiled, tmp_path):
     assert torch.equal(load_file(str(tmp_path / "out.safetensors"))["out"], qb(**b)[0])
 
 
+def test_artifact_qparams_hold_no_weight_copies_and_reapply_exactly(bert, compiled, tmp_path):
+    """qparams.safetensors keeps scales and zero points only (the int8 weights are in model.onnx, once);
+    re-applying them to the float model recomputes the same codes: the same graph, bit for bit."""
+    from lowbit.compiler.pipeline import compile_model
+
+    _, _, qb = compiled
+    d = qb.save(tmp_path / "bert")
+    stored = load_file(str(d / "qparams.safetensors"))
+    assert stored and not [k for k in stored if k.endswith(".weight.q")]
+    assert {k for k in qb.state["qparams"] if k.endswith(".weight.q")}  # what the compile had
+    kw = {"calibration": [bert_batch(4, 16, i) for i in range(1, 6)], "dynamic_shapes": BERT_DYN,
+          "progress": False, "plan": qb.plan}
+    fresh = compile_model(bert, bert_batch(2, 16, 0), **kw)
+    reapplied = compile_model(bert, bert_batch(2, 16, 0), qparams=stored, **kw)
+    b = bert_batch(2, 9, 4)
+    assert torch.equal(reapplied(**b)[0], fresh(**b)[0])
+    for name, t in fresh.graph_module.state_dict().items():
+        assert torch.equal(reapplied.graph_module.state_dict()[name], t), name
+    # the int8 embedding tables are the ones the qparams list (with their row scales), no others
+    tables = [k for k in stored if k.endswith(".row_scale")]
+    assert tables
+    without = compile_model(bert, bert_batch(2, 16, 0), qparams={k: v for k, v in stored.items() if k not in tables},
+                            **kw)
+    assert "embeddings" not in without.report.sections
+
+
 @pytest.mark.parametrize("damage", ["missing", "altered", "manifest"])
 def test_damaged_onnx_artifacts_are_refused(compiled, tmp_path, damage):
     _, qc, _ = compiled

@@ -34,7 +34,7 @@ from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
 from lowbit.errors import ArtifactError
 from lowbit.passes.calibrate import qparam_key
 from lowbit.passes.insert_observers import observer_nodes
-from lowbit.runtime.qparams import dequantize_weight, quantize_weight, sqnr
+from lowbit.runtime.qparams import dequantize_weight, quantize_weight, sqnr, weight_codes
 from lowbit.runtime.spec import QuantSpec
 
 qd = torch.ops.quantized_decomposed
@@ -121,7 +121,10 @@ class LowerQDQ(Pass):
         key = f"{name}.weight"
         if ctx.qparams is not None:
             try:
-                q, scale, zp = (ctx.qparams[f"{key}.{k}"] for k in ("q", "scale", "zero_point"))
+                scale, zp = (ctx.qparams[f"{key}.{k}"] for k in ("scale", "zero_point"))
+                # an ONNX artifact keeps its int8 weights in model.onnx only: the codes follow from the
+                # model's weight and the stored scales (the same codes, for the same model)
+                q = ctx.qparams[f"{key}.q"] if f"{key}.q" in ctx.qparams else weight_codes(w, scale, zp, spec)
             except KeyError as e:
                 raise ArtifactError(f"the artifact's qparams have no entry {e.args[0]!r}") from e
             if tuple(q.shape) != tuple(w.shape):

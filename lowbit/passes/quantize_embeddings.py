@@ -23,6 +23,9 @@ SQNR target (a tenth of the noise the target allows; a user metric: within a ten
 The float model's outputs (or metric) measured here, before the tables change, are what the planner then
 measures every plan against (``ctx.notes["float_outputs"]`` / ``["float_fidelity"]``), so the fidelity it
 reports includes the tables' error. MiniLM-L6 with int8 tables alone: 42 dB against the default 18 dB.
+
+The per-row scales go to the qparams (``<table>.row_scale``): re-applying an artifact quantizes exactly the
+tables it lists, with their scales, whatever the budget would decide without calibration data.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from lowbit.compiler.graph import attr_tensor, constant_node, delete_unused_attr
 from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
 from lowbit.compiler.sensitivity import fidelity_batches, float_outputs, outputs_sqnr_db
 from lowbit.config import QuantConfig
-from lowbit.runtime.qparams import quantize_weight, sqnr
+from lowbit.errors import ArtifactError
+from lowbit.runtime.qparams import quantize_weight, sqnr, weight_codes
 from lowbit.runtime.spec import QuantSpec
 
 aten = torch.ops.aten
@@ -75,19 +79,32 @@ class QuantizeEmbeddings(Pass):
                 f"embeddings stay float: target {ctx.notes.get('target')!r} runs int8 tensors only between Q/DQ")
             return PassResult(gm, {})
         graph = gm.graph
+        stored = ctx.qparams  # re-applying an artifact: exactly its int8 tables, with their scales
         tables = {}
         for weight in [n for n in graph.nodes if n.op == "get_attr"]:
             table = attr_tensor(gm, weight)
             if (table is None or table.ndim != 2 or not table.is_floating_point() or table.numel() < MIN_NUMEL
                     or not weight.users or not _table_users_are_lookups(weight)):
                 continue
-            codes, scale, _ = quantize_weight(table, ROW_SPEC)
+            key = f"{weight.target}.row_scale"
+            if stored is None:
+                codes, scale, _ = quantize_weight(table, ROW_SPEC)
+            elif key in stored:
+                scale = stored[key].float()
+                if scale.shape != (table.shape[0],):
+                    raise ArtifactError(f"{key}: {tuple(scale.shape)} scales for a table of {table.shape[0]} rows: "
+                                        "the artifact was made from another model")
+                codes = weight_codes(table, scale, torch.zeros(scale.shape, dtype=torch.int32), ROW_SPEC)
+            else:
+                continue
             tables[weight] = (table, codes, scale.to(table.dtype).reshape(-1, 1))
-        if not tables or not self._fits_the_budget(gm, ctx, config, tables):
+        if not tables or (stored is None and not self._fits_the_budget(gm, ctx, config, tables)):
             return PassResult(gm, {})
+        qparams: dict[str, torch.Tensor] = ctx.notes.setdefault("qparams", {})
         report: dict[str, dict[str, Any]] = {}
         for weight, (table, codes, scales) in tables.items():
             name = str(weight.target)
+            qparams[f"{name}.row_scale"] = scales.reshape(-1).float()
             first = min(weight.users, key=lambda u: list(graph.nodes).index(u))
             codes_node = constant_node(gm, f"{name}_int8", codes, first)
             scales_node = constant_node(gm, f"{name}_row_scale", scales, first)

@@ -1,5 +1,5 @@
-"""ONNX artifacts: model.onnx (external data above 2 GB), plan.json, qparams.safetensors, report.json and a
-manifest with a SHA-256 of every file. Loading needs only the runtime and the engine, never the compiler."""
+"""ONNX artifacts: model.onnx (external data above 2 GB), plan.json, qparams.safetensors (scales and zero
+points), report.json and a manifest with a SHA-256 of every file. Loading needs only the runtime and the engine, never the compiler."""
 
 from __future__ import annotations
 
@@ -77,8 +77,15 @@ def write_files(compiled: CompiledModel, tmp: Path, extra: tuple[str, ...] = ())
         if f.name.startswith(MODEL_FILE) or f.name in extra:
             shutil.copyfile(f, tmp / f.name)
     artifact.write_json(tmp / "plan.json", compiled.plan)
-    artifact.save_tensors(tmp / "qparams.safetensors", state.get("qparams") or {"_empty": torch.zeros(0)})
+    artifact.save_tensors(tmp / "qparams.safetensors", artifact_qparams(state.get("qparams")))
     artifact.write_json(tmp / "report.json", compiled.report.to_json())
+
+
+def artifact_qparams(qparams: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """What qparams.safetensors holds: every scale and zero point, not the weights' int8 codes, which
+    model.onnx holds already (re-applying the qparams to the float model recomputes the same codes)."""
+    kept = {k: v for k, v in (qparams or {}).items() if not k.endswith(".weight.q")}
+    return kept or {"_empty": torch.zeros(0)}
 
 
 def base_manifest(compiled: CompiledModel, kind: str) -> dict[str, Any]:

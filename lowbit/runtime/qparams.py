@@ -116,12 +116,16 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
     """Quantize a weight with its own min/max: returns (codes, scale, zero_point)."""
     lo, hi = weight_range(w, spec)
     scale, zp = choose_qparams(lo, hi, spec)
+    return weight_codes(w, scale, zp, spec), scale, zp
+
+
+def weight_codes(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """A weight's integer codes under given qparams (per tensor, per channel or per group)."""
     if spec.granularity == "per_group":
         g = _grouped(w.detach().float(), spec)
-        q = torch.clamp(torch.round(g / scale[..., None]) + zp[..., None], spec.qmin, spec.qmax)
-        q = q.reshape(w.shape).to(torch.uint8 if spec.dtype.startswith("u") else torch.int8)
-        return q, scale, zp
-    return quantize(w.detach(), scale, zp, spec), scale, zp
+        q = torch.clamp(torch.round(g / scale[..., None]) + zero_point[..., None], spec.qmin, spec.qmax)
+        return q.reshape(w.shape).to(torch.uint8 if spec.dtype.startswith("u") else torch.int8)
+    return quantize(w.detach(), scale, zero_point, spec)
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
