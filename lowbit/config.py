@@ -42,8 +42,9 @@ class QuantConfig:
     ``plan_schemes`` restricts the schemes the planner may choose. ``sensitivity=True`` computes the
     full per-layer sensitivity table (report section, ``sensitivity.png`` in the dump directory) even
     when the plan needs no search. ``embeddings="int8"`` stores large embedding tables as int8 with a
-    scale per row (``lowbit/passes/quantize_embeddings.py``); ``"float"`` keeps them as they are. Calibration is read more than once (statistics, ranges, fidelity): a
-    one-shot iterator is turned into a list.
+    scale per row (``lowbit/passes/quantize_embeddings.py``); ``"float"`` keeps them as they are.
+    Calibration is read more than once (statistics, ranges, fidelity): a one-shot iterator is turned into
+    a list.
     """
 
     scheme: str = "w8a8"

@@ -256,7 +256,6 @@ def undominated(options: Sequence[str], costs: Mapping[str, float]) -> tuple[str
     return tuple(o for i, o in enumerate(options) if all(cost(p) > cost(o) for p in options[i + 1:]))
 
 
-
 class PlanPrecision(Pass):
     """Search the cheapest plan meeting the fidelity target and rewrite the specs it changes."""
 
