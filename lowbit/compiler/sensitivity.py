@@ -39,10 +39,11 @@ the model its own way, so it is measured one plan at a time.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,16 @@ class Probe:
         graph.lint()
         self.gm.recompile()
 
+    @contextlib.contextmanager
+    def all_float(self) -> Iterator[Probe]:
+        """Every layer float for the ``with`` block, then back on the options they had."""
+        saved = {k: v.option for k, v in self.layers.items()}
+        self.set({})
+        try:
+            yield self
+        finally:
+            self.set(saved)
+
     def set(self, options: Mapping[str, str]) -> None:
         """Put every layer on its option (layers not named go float)."""
         for name, layer in self.layers.items():
@@ -327,8 +338,9 @@ def float_outputs(outs: Any) -> list[torch.Tensor]:
     return _float_outputs(_as_list(outs))
 
 
-def outputs_sqnr_db(reference: Sequence[Sequence[torch.Tensor]], outputs: Sequence[Sequence[torch.Tensor]]) -> float:
-    """SQNR (dB) of per-batch output lists against per-batch reference lists, all energies summed."""
+def outputs_sqnr_db(reference: Sequence[Sequence[torch.Tensor]], outputs: Sequence[Sequence[Any]]) -> float:
+    """SQNR (dB) of per-batch outputs (their float tensors) against per-batch float references, all
+    energies summed."""
     signal = sum(SqnrFidelity._signal(ref) for ref in reference)
     noise = sum(SqnrFidelity._noise(ref, outs) for ref, outs in zip(reference, outputs, strict=True))
     return sqnr_db(signal, noise)
@@ -350,21 +362,14 @@ class SqnrFidelity:
         float model (quantize_embeddings' int8 tables are in every run of the graph)."""
         self.batches = list(batches)
         self.target = float(target)
-        if reference is not None and len(reference) == len(self.batches):
-            self.reference = [[t.detach().double() for t in outs] for outs in reference]
-        else:
-            saved = {k: v.option for k, v in probe.layers.items()}
-            probe.set({})
-            self.reference = [[t.detach().double() for t in _float_outputs(probe(*b))] for b in self.batches]
-            probe.set(saved)
+        if reference is None or len(reference) != len(self.batches):
+            with probe.all_float():
+                reference = [_float_outputs(probe(*b)) for b in self.batches]
+        self.reference = [[t.detach().double() for t in outs] for outs in reference]
         self.float_value = math.inf
 
     def __call__(self, probe: Probe) -> float:
-        signal = noise = 0.0
-        for flat, ref in zip(self.batches, self.reference, strict=True):
-            signal += self._signal(ref)
-            noise += self._noise(ref, probe(*flat))
-        return sqnr_db(signal, noise)
+        return outputs_sqnr_db(self.reference, [probe(*flat) for flat in self.batches])
 
     def sweep(self, probe: Probe, base: Mapping[str, str], changes: Sequence[tuple[str, str]],
               tick: Callable[[], Any] = lambda: None) -> tuple[float, list[float]]:
@@ -406,10 +411,8 @@ class FunctionFidelity:
         self.fn = fn
         self.signature = signature
         if float_value is None:
-            saved = {k: v.option for k, v in probe.layers.items()}
-            probe.set({})
-            float_value = float(self(probe))
-            probe.set(saved)
+            with probe.all_float():
+                float_value = self(probe)
         self.float_value = float(float_value)
         self.target = self.float_value - tolerance
 

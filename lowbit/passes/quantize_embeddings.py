@@ -97,17 +97,22 @@ class QuantizeEmbeddings(Pass):
                 codes = weight_codes(table, scale, torch.zeros(scale.shape, dtype=torch.int32), ROW_SPEC)
             else:
                 continue
-            tables[weight] = (table, codes, scale.to(table.dtype).reshape(-1, 1))
-        if not tables or (stored is None and not self._fits_the_budget(gm, ctx, config, tables)):
+            scales = scale.to(table.dtype).reshape(-1, 1)
+            tables[weight] = (table, codes, scales, codes.to(table.dtype) * scales)
+        if not tables:
             return PassResult(gm, {})
+        alone = None
+        if stored is None:
+            fits, alone = self._fits_the_budget(gm, ctx, config, tables)
+            if not fits:
+                return PassResult(gm, {})
         qparams: dict[str, torch.Tensor] = ctx.notes.setdefault("qparams", {})
         report: dict[str, dict[str, Any]] = {}
-        for weight, (table, codes, scales) in tables.items():
+        for weight, (table, codes, scales, restored) in tables.items():
             name = str(weight.target)
             qparams[f"{name}.row_scale"] = scales.reshape(-1).float()
-            first = min(weight.users, key=lambda u: list(graph.nodes).index(u))
-            codes_node = constant_node(gm, f"{name}_int8", codes, first)
-            scales_node = constant_node(gm, f"{name}_row_scale", scales, first)
+            codes_node = constant_node(gm, f"{name}_int8", codes, weight)  # the table's get_attr precedes its lookups
+            scales_node = constant_node(gm, f"{name}_row_scale", scales, weight)
             for lookup in list(weight.users):
                 ids = lookup.args[1]
                 with graph.inserting_before(lookup):
@@ -124,27 +129,27 @@ class QuantizeEmbeddings(Pass):
                     n.meta[meta.QROLE] = "int8_embedding"
                 lookup.replace_all_uses_with(out)
                 graph.erase_node(lookup)
-            restored = codes.float() * scales.float()
             report[name] = {"rows": int(table.shape[0]), "dim": int(table.shape[1]),
                             "float_mb": round(table.numel() * table.element_size() / 1e6, 2),
                             "int8_mb": round((codes.numel() + scales.numel() * scales.element_size()) / 1e6, 2),
-                            "sqnr_db": round(sqnr(table.float(), restored), 1)}
+                            "sqnr_db": round(sqnr(table.float(), restored.float()), 1)}
         delete_unused_attrs(gm)
         gm.recompile()
-        ctx.notes["embeddings"] = {"tables": report, "alone_sqnr_db": ctx.notes.get("embeddings_alone_sqnr_db")}
+        ctx.notes["embeddings"] = {"tables": report, "alone_sqnr_db": alone}
         return PassResult(gm, {"tables_int8": len(report),
                                "mb_saved": round(sum(r["float_mb"] - r["int8_mb"] for r in report.values()), 1)})
 
     @staticmethod
     def _fits_the_budget(gm: fx.GraphModule, ctx: PassContext, config: QuantConfig,
-                         tables: dict[fx.Node, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> bool:
-        """Without a fidelity target: yes. With one: run the fidelity batches with float and with int8
-        tables (every layer still float), keep the float results for the planner, and compare."""
+                         tables: dict[fx.Node, tuple[torch.Tensor, ...]]) -> tuple[bool, float | None]:
+        """(whether the int8 tables fit, the model's SQNR with them alone). Without a fidelity target: yes.
+        With one: run the fidelity batches with float and with int8 tables (every layer still float), keep
+        the float results for the planner, and compare."""
         if not (config.plans_automatically or config.sensitivity) or ctx.calibration is None:
-            return True
+            return True, None
         batches = fidelity_batches(ctx, config.fidelity_batches)
         if not batches:
-            return True
+            return True, None
         signature = ctx.notes["signature"]
 
         def run() -> tuple[list[list[torch.Tensor]], float | None]:
@@ -159,17 +164,17 @@ class QuantizeEmbeddings(Pass):
         ctx.notes["float_outputs"] = reference
         if float_metric is not None:
             ctx.notes["float_fidelity"] = float_metric
-        originals = {weight: table.clone() for weight, (table, _, _) in tables.items()}
+        originals = [table.clone() for table, *_ in tables.values()]
         try:
             with torch.no_grad():  # the tables as the rewrite reads them, in place for one run
-                for table, codes, scales in tables.values():
-                    table.copy_(codes.to(table.dtype) * scales)
+                for table, _, _, restored in tables.values():
+                    table.copy_(restored)
             outs, metric = run()
         finally:
             with torch.no_grad():
-                for weight, (table, _, _) in tables.items():
-                    table.copy_(originals[weight])
-        alone = outputs_sqnr_db(reference, outs)
+                for (table, *_), original in zip(tables.values(), originals, strict=True):
+                    table.copy_(original)
+        alone = round(outputs_sqnr_db(reference, outs), 1)
         if config.fidelity_fn is not None:
             cost = float_metric - metric  # type: ignore[operator]
             fits, why = cost <= config.fidelity_tolerance / 10, (
@@ -179,7 +184,6 @@ class QuantizeEmbeddings(Pass):
             target = config.target_sqnr_db if config.target_sqnr_db is not None else -float("inf")
             fits, why = alone >= target + MARGIN_DB, (
                 f"int8 tables alone give {alone:.1f} dB, less than {MARGIN_DB:g} dB above the {target:g} dB target")
-        ctx.notes["embeddings_alone_sqnr_db"] = round(alone, 1)
         if not fits:
             ctx.notes.setdefault("warnings", []).append(f"embeddings stay float: {why}")
-        return fits
+        return fits, alone

@@ -1,5 +1,6 @@
 """ONNX artifacts: model.onnx (external data above 2 GB), plan.json, qparams.safetensors (scales and zero
-points), report.json and a manifest with a SHA-256 of every file. Loading needs only the runtime and the engine, never the compiler."""
+points), report.json and a manifest with a SHA-256 of every file. Loading needs only the runtime and the
+engine, never the compiler."""
 
 from __future__ import annotations
 

@@ -70,9 +70,9 @@ class Report:
                          f"{plan['evaluations']} evaluations")
         embeddings = self.sections.get("embeddings")
         if embeddings and embeddings.get("tables"):
-            tables = embeddings["tables"]
             parts.append("\nembedding tables as int8 rows: " + "; ".join(
-                f"{name} {t['float_mb']:g} -> {t['int8_mb']:g} MB ({_fmt(t['sqnr_db'])} dB)" for name, t in tables.items()))
+                f"{name} {t['float_mb']:g} -> {t['int8_mb']:g} MB ({_fmt(t['sqnr_db'])} dB)"
+                for name, t in embeddings["tables"].items()))
         engine = self.sections.get("engine")
         if engine:
             parts.append(f"\n{engine['engine']}: {engine['int8_share']:.1%} of the quantized layers' "
