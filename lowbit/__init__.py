@@ -31,5 +31,6 @@ __all__ = [
     "BackendNotAvailable", "BackendUnavailable", "EngineMismatchError", "PassError", "InputError",
 ]
 from lowbit.runtime.layerwise import LayerwiseReport, compare_layers  # noqa: E402
+from lowbit import evaluate  # noqa: E402  perplexity and the offline text/model for LLMs
 
-__all__ += ["compare_layers", "LayerwiseReport"]
+__all__ += ["compare_layers", "LayerwiseReport", "evaluate"]

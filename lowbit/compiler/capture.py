@@ -7,10 +7,11 @@ The same name in two inputs is one symbol.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,39 @@ def split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         f"example_inputs must be a tuple of positional arguments or a dict of keyword arguments, "
         f"got {type(example_inputs).__name__}"
     )
+
+
+@contextlib.contextmanager
+def without_kv_cache(model: torch.nn.Module) -> Iterator[None]:
+    """A Hugging Face model whose config has ``use_cache`` returns its key/value cache (a ``DynamicCache``
+    object torch.export cannot flatten) beside the logits; one compiled forward over a whole sequence needs no
+    cache, so ``use_cache`` is off while lowbit captures and runs the model, and restored after."""
+    config = getattr(model, "config", None)
+    old = getattr(config, "use_cache", None)
+    if not old:
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = old
+
+
+#: inputs of a causal LM whose dim 1 is the sequence
+SEQUENCE_INPUTS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds")
+
+
+def sequence_dynamic_shapes(model: torch.nn.Module, example_inputs: Any) -> dict[str, dict[int, str]]:
+    """``{input: {1: "seq"}}`` for the sequence inputs among ``example_inputs``: a causal LM compiled from an
+    example of one length is called on prompts and windows of every length."""
+    args, kwargs = split_inputs(example_inputs)
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError:
+        return {}
+    return {name: {1: "seq"} for name, value in bound.arguments.items()
+            if name in SEQUENCE_INPUTS and isinstance(value, torch.Tensor) and value.ndim >= 2}
 
 
 def _dim(name: str, cache: dict[str, Dim], bounds: dict[str, tuple[int, int | None]]) -> Dim:
@@ -136,6 +170,13 @@ def capture(
     args, kwargs = split_inputs(example_inputs)
     model = model.eval()
     shapes, named = build_dynamic_shapes(model, args, kwargs, dynamic_shapes, dim_bounds)
+    with without_kv_cache(model):
+        return _export(model, args, kwargs, shapes, named, dynamic_shapes, dim_bounds)
+
+
+def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], shapes: dict[str, Any],
+            named: dict[str, dict[int, str]], dynamic_shapes: Mapping[str, Any] | None,
+            dim_bounds: Mapping[str, tuple[int, int | None]] | None) -> Captured:
     bounds = dict(dim_bounds or {})
     ep = None
     for attempt in range(2):
