@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lowbit.errors import QuantConfigError
@@ -12,6 +12,8 @@ from lowbit.runtime.observers import METHODS
 from lowbit.runtime.spec import SCHEMES, LayerSpec, QuantSpec, scheme_spec
 
 WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+#: how weights are rounded: round to nearest, GPTQ's error feedback, AWQ's scales and clipping, or both
+WEIGHT_METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 #: the default fidelity target of the automatic plan (see lowbit/compiler/planner.py for why this value)
 DEFAULT_TARGET_SQNR_DB = 18.0
 
@@ -45,6 +47,23 @@ class QuantConfig:
     scale per row (``lowbit/passes/quantize_embeddings.py``); ``"float"`` keeps them as they are.
     Calibration is read more than once (statistics, ranges, fidelity): a one-shot iterator is turned into
     a list.
+
+    Weights (``lowbit/passes/gptq.py``, ``lowbit/passes/awq.py``): ``weight_symmetric=False`` gives
+    weight-only layers asymmetric weights (uint4 / uint8 with a zero point); symmetric int4 uses the full
+    [-8, 7] range. ``weight_method`` rounds the weights of weight-only layers (``w4a16``, ``w8a16``):
+    ``"rtn"`` (round to nearest), ``"gptq"`` (error feedback through the inputs' Hessian, true-sequential),
+    ``"awq"`` (activation-aware scales folded into the previous op, then a clipping search) or
+    ``"awq+gptq"``. ``gptq_damp`` is GPTQ's dampening (a fraction of the Hessian's mean diagonal),
+    ``gptq_block_size`` its lazy-update block, ``gptq_act_order`` whether columns go in order of decreasing
+    Hessian diagonal (groups stay static: no run-time permutation). ``output_layer_scheme`` is the scheme
+    of a causal LM's output projection (``lm_head``) when ``scheme`` is ``w4a16`` (NNCF and llama.cpp keep
+    it 8-bit too); None gives it ``scheme`` like every other layer.
+
+    Language models: ``target_ppl_increase`` (e.g. 0.01) is the planner's fidelity target as a relative
+    perplexity increase over float, measured on the fidelity batches' next-token predictions (their
+    ``input_ids``); for a causal LM (a model with ``generate``) it replaces the SQNR target by default
+    (``target_ppl_increase=0.01``, unless ``target_sqnr_db`` is set to something other than its default).
+    ``llm_int8_threshold`` is the outlier threshold of the ``w8a8_llm_int8`` scheme (LLM.int8()).
     """
 
     scheme: str = "w8a8"
@@ -65,6 +84,15 @@ class QuantConfig:
     plan_schemes: tuple[str, ...] | None = None
     sensitivity: bool = False
     embeddings: str = "int8"
+    weight_symmetric: bool = True
+    weight_method: str = "rtn"
+    gptq_damp: float = 0.01
+    gptq_block_size: int = 128
+    gptq_act_order: bool = True
+    awq_grid: int = 20
+    output_layer_scheme: str | None = "w8a16"
+    target_ppl_increase: float | str | None = "auto"
+    llm_int8_threshold: float = 6.0
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -84,6 +112,24 @@ class QuantConfig:
             raise QuantConfigError(f"QuantConfig.embeddings must be 'int8' or 'float'; got {self.embeddings!r}")
         if self.group_size not in (32, 64, 128, 256):
             raise QuantConfigError(f"QuantConfig.group_size must be 32, 64, 128 or 256; got {self.group_size}")
+        if self.weight_method not in WEIGHT_METHODS:
+            raise QuantConfigError(
+                f"QuantConfig.weight_method must be one of {', '.join(WEIGHT_METHODS)}; got {self.weight_method!r}")
+        if not 0.0 < self.gptq_damp < 1.0:
+            raise QuantConfigError(f"QuantConfig.gptq_damp must be in (0, 1); got {self.gptq_damp}")
+        if self.gptq_block_size < 1:
+            raise QuantConfigError(f"QuantConfig.gptq_block_size must be >= 1; got {self.gptq_block_size}")
+        if self.awq_grid < 2:
+            raise QuantConfigError(f"QuantConfig.awq_grid must be >= 2; got {self.awq_grid}")
+        if self.output_layer_scheme is not None and self.output_layer_scheme not in SCHEMES:
+            raise QuantConfigError(f"QuantConfig.output_layer_scheme must be None or one of {', '.join(SCHEMES)}; "
+                                   f"got {self.output_layer_scheme!r}")
+        ppl = self.target_ppl_increase
+        if ppl is not None and ppl != "auto" and not (isinstance(ppl, (int, float)) and ppl >= 0):
+            raise QuantConfigError(f"QuantConfig.target_ppl_increase must be a fraction >= 0 (0.01 is 1%), None or "
+                                   f"'auto'; got {ppl!r}")
+        if not self.llm_int8_threshold > 0:
+            raise QuantConfigError(f"QuantConfig.llm_int8_threshold must be > 0; got {self.llm_int8_threshold}")
         alpha = self.smoothquant_alpha
         if alpha != "auto" and not (isinstance(alpha, (int, float)) and 0.0 <= float(alpha) <= 1.0):
             raise QuantConfigError(f"QuantConfig.smoothquant_alpha must be in [0, 1] or 'auto'; got {alpha!r}")
@@ -138,7 +184,17 @@ class QuantConfig:
     @property
     def plans_automatically(self) -> bool:
         """Whether a fidelity target is set, so compile searches a mixed-precision plan."""
-        return self.fidelity_fn is not None or self.target_sqnr_db is not None
+        return (self.fidelity_fn is not None or self.target_sqnr_db is not None
+                or isinstance(self.target_ppl_increase, (int, float)))
+
+    def for_model(self, causal_lm: bool) -> QuantConfig:
+        """Resolve ``target_ppl_increase="auto"``: 1% for a causal LM whose SQNR target was left at its
+        default (perplexity, not output SQNR, is what an LLM's quality follows), None otherwise."""
+        if self.target_ppl_increase != "auto":
+            return self
+        if causal_lm and self.target_sqnr_db == DEFAULT_TARGET_SQNR_DB and self.fidelity_fn is None:
+            return replace(self, target_ppl_increase=0.01, target_sqnr_db=None)
+        return replace(self, target_ppl_increase=None)
 
     def layer_spec(self, name: str) -> LayerSpec:
         cfg = self.for_layer(name)
@@ -147,6 +203,8 @@ class QuantConfig:
             weight_granularity=cfg.weight_granularity,
             group_size=cfg.group_size,
             activation_symmetric=cfg.activation_symmetric,
+            weight_symmetric=cfg.weight_symmetric,
+            outlier_threshold=cfg.llm_int8_threshold,
         )
         if cfg.quantize_outputs and spec.scheme == "w8a8":
             spec = LayerSpec(spec.scheme, spec.weight, spec.activation, output=spec.activation)
@@ -161,8 +219,9 @@ class QuantConfig:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> QuantConfig:
-        # a config saved before ``embeddings`` existed was compiled with float tables: keep them so
-        return cls(**{"embeddings": "float", **d})
+        # a config saved before ``embeddings`` existed was compiled with float tables: keep them so; one saved
+        # before ``output_layer_scheme`` gave the output projection the config's scheme
+        return cls(**{"embeddings": "float", "output_layer_scheme": None, "target_ppl_increase": None, **d})
 
 
 __all__ = ["QuantConfig", "QuantSpec"]

@@ -60,7 +60,7 @@ def test_dynamic_weight_only_and_group_schemes_match_the_oracle():
     x = torch.randn(5, 32) * 3
     q, s = quantize_per_token(x)
     wa = QuantSpec("int8", True, "per_channel", axis=0, narrow=True)
-    wb = QuantSpec("int4", True, "per_group", group_size=32)
+    wb = QuantSpec("int4", True, "per_group", group_size=32, signed_scale=True)  # the full [-8, 7] range
     ref = nn.functional.linear(q.float() * s, dequantize_weight(*quantize_weight(m.a.weight, wa), wa), m.a.bias)
     ref = ref + nn.functional.linear(x, dequantize_weight(*quantize_weight(m.b.weight, wb), wb), m.b.bias)
     assert torch.allclose(call_flat(gm, x), ref, rtol=1e-5, atol=1e-5)

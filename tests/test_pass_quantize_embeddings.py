@@ -14,6 +14,7 @@ from lowbit.config import QuantConfig
 from lowbit.errors import QuantConfigError
 from lowbit.passes import Canonicalize, QuantizeEmbeddings
 from lowbit.passes.quantize_embeddings import MIN_NUMEL
+from lowbit.runtime.qparams import sqnr
 
 from helpers import call_flat, count, rel_err, run_passes
 from models import bert_batch, tiny_bert
@@ -71,14 +72,18 @@ class TiedLM(nn.Module):
         return nn.functional.linear(h, self.emb.weight)
 
 
-def test_tied_and_small_tables_stay_float():
+def test_tied_table_lookups_go_int8_the_projection_keeps_the_float_table_and_small_tables_stay_float():
     assert 4 * 16 < MIN_NUMEL <= 200 * 16
     m = TiedLM().eval()
     ids = torch.randint(0, 200, (2, 7))
     gm, pm, _ = run_passes(m, (ids,), [Canonicalize(), QuantizeEmbeddings()])
-    assert pm.records[1].stats == {}
-    assert not _int8_lookups(gm)
-    assert torch.equal(call_flat(gm, ids), m(ids))
+    assert pm.records[1].stats["tables_int8"] == 1
+    lookups = _int8_lookups(gm)
+    assert len(lookups) == 1 and lookups[0].args[0].meta["val"].shape == (200, 16)  # the small table: float
+    (linear,) = [n for n in gm.graph.nodes if n.target is aten.linear.default]
+    assert torch.equal(gm.get_parameter(str(linear.args[1].target)), m.emb.weight)
+    out, ref = call_flat(gm, ids), m(ids)
+    assert sqnr(ref, out) > 35.0  # int8 rows (~43 dB) feeding a float projection
 
 
 def test_switched_off_by_config_or_by_the_target():

@@ -114,6 +114,34 @@ def assign_layer_names(gm: fx.GraphModule) -> dict[str, fx.Node]:
     return names
 
 
+#: ops that move or retype values without mixing channels: an output projection may reach the output through them
+PASS_THROUGH = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.slice.Tensor, aten.contiguous.default,
+    aten._to_copy.default, aten.to.dtype, aten.clone.default, aten.alias.default,
+}
+
+
+def output_projections(gm: fx.GraphModule) -> set[fx.Node]:
+    """Linears whose result is a graph output, directly or through views and casts: a language model's
+    ``lm_head`` (the layer that writes the logits)."""
+    out: set[fx.Node] = set()
+    stack: list[object] = [n.args for n in gm.graph.nodes if n.op == "output"]
+    seen: set[fx.Node] = set()
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (tuple, list)):
+            stack.extend(item)
+            continue
+        if not isinstance(item, fx.Node) or item in seen:
+            continue
+        seen.add(item)
+        if item.op == "call_function" and item.target is aten.linear.default and is_quantizable(item):
+            out.add(item)
+        elif item.op == "call_function" and item.target in PASS_THROUGH and item.args:
+            stack.append(item.args[0])
+    return out
+
+
 def replace_node(old: fx.Node, new: fx.Node) -> None:
     old.replace_all_uses_with(new)
     new.meta.setdefault("val", old.meta.get("val"))

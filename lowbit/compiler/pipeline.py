@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from lowbit.backends.registry import get_backend
-from lowbit.compiler.capture import capture
+from lowbit.compiler.capture import capture, sequence_dynamic_shapes, without_kv_cache
 from lowbit.compiler.instruments import DumpInstrument, TimingInstrument, VerifyInstrument
 from lowbit.compiler.pass_manager import Pass, PassContext, PassManager, PassRecord
 from lowbit.compiler.planner import CPU_SCHEME_COSTS, PlanPrecision
@@ -26,6 +26,8 @@ from lowbit.passes import (
     LowerQDQ,
     QuantizeEmbeddings,
 )
+from lowbit.passes.awq import AWQ
+from lowbit.passes.gptq import GPTQ
 from lowbit.passes.smooth_quant import SmoothQuant, reiterable
 from lowbit.runtime.model import CompiledModel
 from lowbit.runtime.report import Report
@@ -41,10 +43,12 @@ def default_passes() -> list[Pass]:
         FuseActivation(),  # conv/linear + relu groups: an output quantizer goes after the relu
         QuantizeEmbeddings(),  # large embedding tables -> int8 rows + a scale per row, gathered then scaled
         SmoothQuant(),  # move activation outliers into the weights (exact in float) before ranges are taken
+        AWQ(),  # 4-bit weight-only layers asking for it: scale salient columns up (same fold), clip per group
         Annotate(),  # QuantConfig / plan -> one frozen LayerSpec per layer: the policy
         InsertObservers(),  # where static activation ranges are measured (shared by Q/K/V)
         Calibrate(),  # stream calibration batches through the graph (or load stored qparams)
         PlanPrecision(),  # with a fidelity target: promote the layers quantization hurts most, cheapest first
+        GPTQ(),  # weight-only layers asking for it: round with error feedback, layer by layer (true-sequential)
         LowerQDQ(),  # observers and weight specs -> quantize/dequantize ops and int8 weights
     ]
 
@@ -67,7 +71,10 @@ def compile_model(
     options = dict(options or {})
     backend = get_backend(target)
     backend.check_available()
-    config = config or QuantConfig()
+    causal_lm = is_causal_lm(model)
+    config = (config or QuantConfig()).for_model(causal_lm)
+    if causal_lm and dynamic_shapes is None:  # prompts and windows of any length, not the example's
+        dynamic_shapes = sequence_dynamic_shapes(model, example_inputs)
     if getattr(backend, "symmetric_activations", False) and not config.activation_symmetric:
         # the engine takes symmetric int8 activations only (TensorRT): SmoothQuant's alpha search and the
         # planner must measure that scheme, not the default uint8 one (annotate enforces it per layer too)
@@ -75,14 +82,14 @@ def compile_model(
     if calibration is not None and (config.smoothquant or config.plans_automatically or config.sensitivity):
         calibration = reiterable(calibration)  # read more than once: a one-shot iterator becomes a list
     captured = capture(model, example_inputs, dynamic_shapes, dim_bounds)
-    with torch.no_grad():
+    with torch.no_grad(), without_kv_cache(model):
         example_out = model(*captured.args, **captured.kwargs)
     signature = Signature.from_example(captured.args, captured.kwargs, captured.input_names, captured.dynamic,
                                        example_out, captured.dim_bounds)
     ctx = PassContext(config=config, plan=Plan.coerce(plan), calibration=calibration,
                       input_names=captured.input_names, example=(captured.args, captured.kwargs),
                       qparams=qparams, progress=progress)
-    ctx.notes.update(signature=signature, target=target, supported_schemes=backend.schemes,
+    ctx.notes.update(signature=signature, target=target, causal_lm=causal_lm, supported_schemes=backend.schemes,
                      scheme_costs=getattr(backend, "scheme_costs", CPU_SCHEME_COSTS),
                      quantize_conv_outputs=getattr(backend, "quantize_conv_outputs", False),
                      # engine choices a call may override (compile(..., quantize_attention_scores=False))
@@ -104,6 +111,16 @@ def compile_model(
     return backend.build(gm, ctx, captured, options)
 
 
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    """A Hugging Face model that generates text (``can_generate()``) and is not an encoder-decoder."""
+    can_generate = getattr(model, "can_generate", None)
+    config = getattr(model, "config", None)
+    try:
+        return bool(callable(can_generate) and can_generate() and not getattr(config, "is_encoder_decoder", False))
+    except Exception:  # a custom model whose can_generate needs arguments: not one we recognise
+        return False
+
+
 def build_report(target: str, ctx: PassContext, records: list[PassRecord]) -> Report:
     layers = []
     smooth = ctx.notes.get("smooth_quant", {})
@@ -123,6 +140,9 @@ def build_report(target: str, ctx: PassContext, records: list[PassRecord]) -> Re
         report.sections["smooth_quant"] = smooth
     if "embeddings" in ctx.notes:
         report.sections["embeddings"] = ctx.notes["embeddings"]
+    for section in ("awq", "gptq"):  # per layer: search results, dampening, tokens
+        if ctx.notes.get(section):
+            report.sections[section] = ctx.notes[section]
     if "plan_search" in ctx.notes:
         report.sections["plan"] = ctx.notes["plan_search"]
     if "sensitivity" in ctx.notes:

@@ -53,6 +53,7 @@ from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
 from lowbit.compiler.sensitivity import (
     FLOAT,
     FunctionFidelity,
+    PerplexityFidelity,
     Probe,
     Sensitivity,
     SqnrFidelity,
@@ -68,7 +69,7 @@ from lowbit.passes.annotate import engine_spec, layer_problem
 from lowbit.runtime.spec import LayerSpec, Plan
 
 #: options from least to most accurate; a layer only moves up this ladder
-LADDER = ("w4a16/g128", "w4a16/g64", "w4a16/g32", "w8a8", "w8a8_dynamic", "w8a16", "float")
+LADDER = ("w4a16/g128", "w4a16/g64", "w4a16/g32", "w8a8", "w8a8_dynamic", "w8a8_llm_int8", "w8a16", "float")
 #: relative cost per multiply-accumulate on CPU engines (oneDNN / ORT / OpenVINO, AVX-512 VNNI).
 #: Estimates, to be replaced by measured ones: int8 GEMM ~2x fp32; per-token quantization adds a
 #: dynamic quantize per row; weight-only schemes dequantize to fp32 before an fp32 GEMM.
@@ -274,12 +275,16 @@ class PlanPrecision(Pass):
         macs = layer_macs(probe.gm, batches[0])  # on the probe: running gm would feed its observers again
         costs = ctx.notes.get("scheme_costs") or CPU_SCHEME_COSTS
         choices = layer_choices(gm, ctx, probe, macs, costs)
-        if config.fidelity_fn is not None:
-            fid: SqnrFidelity | FunctionFidelity = FunctionFidelity(
+        fid: SqnrFidelity | FunctionFidelity | PerplexityFidelity
+        if isinstance(config.target_ppl_increase, (int, float)) and config.fidelity_fn is None:
+            fid = PerplexityFidelity(probe, batches, float(config.target_ppl_increase), ctx.input_names,
+                                     reference=ctx.notes.get("float_outputs"))
+        elif config.fidelity_fn is not None:
+            fid = FunctionFidelity(
                 probe, config.fidelity_fn, config.fidelity_tolerance, ctx.notes["signature"],
                 float_value=ctx.notes.get("float_fidelity"))
         else:
-            target = config.target_sqnr_db if config.target_sqnr_db is not None else -math.inf
+            target = config.target_sqnr_db if config.target_sqnr_db is not None else -math.inf  # sensitivity only
             # the float model's outputs as quantize_embeddings found them, before its int8 tables: the
             # fidelity of every plan then counts their error too (the graph's own float run would not)
             fid = SqnrFidelity(probe, batches, target, reference=ctx.notes.get("float_outputs"))
@@ -297,6 +302,10 @@ class PlanPrecision(Pass):
             "evaluations": result.evaluations, "fidelity_batches": len(batches), "steps": result.steps,
             "counts": result.counts(),
         }
+        if isinstance(fid, PerplexityFidelity):  # the figures a person reads: perplexities, not their ratio
+            ctx.notes["plan_search"].update(
+                target_ppl_increase=config.target_ppl_increase, float_ppl=fid.float_ppl,
+                ppl=fid.float_ppl / result.fidelity, start_ppl=fid.float_ppl / result.start_fidelity)
         stats = {"evaluations": result.evaluations}
         for o in (result.options[k] for k in changed):
             stats[f"promoted_to_{o}"] = stats.get(f"promoted_to_{o}", 0) + 1

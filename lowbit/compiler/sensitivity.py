@@ -55,9 +55,11 @@ from tqdm.auto import tqdm
 from lowbit.compiler import meta
 from lowbit.compiler.graph import QUANTIZABLE, attr_tensor, observer_of
 from lowbit.config import QuantConfig
+from lowbit.errors import PlanError
 from lowbit.runtime.qparams import (
     PER_TOKEN_EPS,
     dequantize_weight,
+    fake_quantize_llm_int8,
     fake_quantize_per_tensor,
     quantize_weight,
     sqnr_db,
@@ -92,6 +94,8 @@ def option_spec(option: str, config: QuantConfig) -> LayerSpec:
         weight_granularity=config.weight_granularity,
         group_size=int(group) if group else config.group_size,
         activation_symmetric=config.activation_symmetric,
+        weight_symmetric=config.weight_symmetric,
+        outlier_threshold=config.llm_int8_threshold,
     )
 
 
@@ -128,12 +132,15 @@ class ActivationSwitch(nn.Module):
     def __init__(self, static: tuple[float, int, QuantSpec] | None) -> None:
         super().__init__()
         self.static = static  # (scale, zero_point, spec) from the calibrated observer, if there was one
-        self.mode = FLOAT  # FLOAT | "static" | "token"
+        self.mode = FLOAT  # FLOAT | "static" | "token" | "llm_int8"
+        self.threshold = 6.0  # the outlier threshold of "llm_int8"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "static" and self.static is not None:
             scale, zp, spec = self.static
             return fake_quantize_per_tensor(x, scale, zp, spec.qmin, spec.qmax)
+        if self.mode == "llm_int8":
+            return fake_quantize_llm_int8(x, self.threshold)
         if self.mode == "token":
             # quantized_decomposed's per-token convention: symmetric int8, scale = max(absmax, 1e-5) / 127
             scale = x.detach().abs().amax(dim=-1, keepdim=True).clamp(min=PER_TOKEN_EPS) / 127.0
@@ -253,7 +260,10 @@ class Probe:
             if act is not None and not act.dynamic and not layer.observed:
                 raise ValueError(f"layer {name!r}: static activations need a calibrated input range")
             layer.weight.select(option, spec.weight)
-            layer.input.mode = FLOAT if act is None else ("token" if act.dynamic else "static")
+            layer.input.mode = FLOAT if act is None else ("static" if not act.dynamic else
+                                                          "token" if act.outlier_threshold is None else "llm_int8")
+            if act is not None and act.outlier_threshold is not None:
+                layer.input.threshold = act.outlier_threshold
             for sw in layer.outputs:
                 sw.mode = "static" if spec.output is not None else FLOAT
             layer.option = option
@@ -424,7 +434,66 @@ class FunctionFidelity:
             return float(self.fn(model))
 
 
-Fidelity = SqnrFidelity | FunctionFidelity
+class PerplexityFidelity:
+    """A causal LM's perplexity on the fidelity batches, as ``float ppl / ppl`` (1.0 is float, higher is better):
+    the target ``1 / (1 + increase)`` keeps perplexity within ``increase`` (0.01: 1%) of float. The logits are
+    the model's first floating-point output; the tokens its ``input_ids`` (or first integer input)."""
+
+    unit = ""
+    metric = "float_ppl / ppl"
+
+    def __init__(self, probe: Probe, batches: Sequence[list[torch.Tensor]], increase: float, input_names: Sequence[str],
+                 reference: Sequence[Sequence[torch.Tensor]] | None = None) -> None:
+        self.batches = list(batches)
+        names = list(input_names)
+        ints = [i for i, t in enumerate(self.batches[0]) if not t.is_floating_point()]
+        self.ids_at = names.index("input_ids") if "input_ids" in names else (ints[0] if ints else -1)
+        if self.ids_at < 0:
+            raise PlanError("target_ppl_increase needs a model with integer token inputs (input_ids)")
+        if reference is None or len(reference) != len(self.batches):
+            with probe.all_float():
+                reference = [_float_outputs(probe(*b)) for b in self.batches]
+        self.float_ppl = self.perplexity([[r] for r in (outs[0] for outs in reference)])
+        self.float_value = 1.0
+        self.target = 1.0 / (1.0 + float(increase))
+
+    def nll(self, flat: Sequence[torch.Tensor], outs: Sequence[Any]) -> tuple[float, int]:
+        logits = _float_outputs(outs)[0].float()
+        ids = flat[self.ids_at]
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        nll = -logp.gather(-1, ids[:, 1:, None].long()).squeeze(-1)
+        return float(nll.double().sum()), int(nll.numel())
+
+    def perplexity(self, outputs: Sequence[Sequence[Any]]) -> float:
+        total = count = 0
+        for flat, outs in zip(self.batches, outputs, strict=True):
+            t, c = self.nll(flat, outs)
+            total, count = total + t, count + c
+        return math.exp(total / max(count, 1))
+
+    def value_of(self, ppl: float) -> float:
+        return self.float_ppl / ppl
+
+    def __call__(self, probe: Probe) -> float:
+        return self.value_of(self.perplexity([probe(*flat) for flat in self.batches]))
+
+    def sweep(self, probe: Probe, base: Mapping[str, str], changes: Sequence[tuple[str, str]],
+              tick: Callable[[], Any] = lambda: None) -> tuple[float, list[float]]:
+        """As ``SqnrFidelity.sweep``: the base plan and each one change, from one forked pass per batch."""
+        base_nll, count = 0.0, 0
+        nll = [0.0] * len(changes)
+        for flat in self.batches:
+            def take(k: int, outs: list[torch.Tensor], flat: Sequence[torch.Tensor] = flat) -> None:
+                nll[k] += self.nll(flat, outs)[0]
+                tick()
+
+            t, c = self.nll(flat, probe.sweep(flat, base, changes, take))
+            base_nll, count = base_nll + t, count + c
+        return (self.value_of(math.exp(base_nll / count)),
+                [self.value_of(math.exp(n / count)) for n in nll])
+
+
+Fidelity = SqnrFidelity | FunctionFidelity | PerplexityFidelity
 
 
 # --------------------------------------------------------------------------------------------------
@@ -516,7 +585,7 @@ def analyze(probe: Probe, quantized: Mapping[str, str], fidelity: Fidelity, macs
     names = [k for k in (layers if layers is not None else quantized) if quantized.get(k, FLOAT) != FLOAT]
     evaluations = int(base is None)
     alone: list[float | None] = [None] * len(names)
-    if isinstance(fidelity, SqnrFidelity):  # one forked pass per batch: each change re-runs only what follows it
+    if isinstance(fidelity, (SqnrFidelity, PerplexityFidelity)):  # one forked pass per batch each
         with tqdm(total=len(names) * (1 + int(full)) * len(fidelity.batches), desc="lowbit sensitivity",
                   unit="eval", disable=None if progress else True, leave=False) as bar:
             if full:

@@ -3,11 +3,16 @@
 Each batch is checked first (structure, dtype, shape, NaN/Inf) and a bad one raises CalibrationError
 naming the batch index and the input. Observers keep bounded state, so any number of batches fits in
 memory. When re-applying an artifact (``ctx.qparams``) the observers take the stored qparams instead.
+
+``stream_layerwise`` is the other way to stream: node by node, every batch at each node, so that a pass can
+look at all of a layer's inputs and change the layer before anything after it runs (GPTQ's Hessians,
+true-sequential: the inputs of a layer come from the layers before it as already quantized). It holds the
+batches' values of the nodes still to be read (about one decoder block's activations), not the model's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -15,6 +20,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from lowbit.compiler import meta
+from lowbit.compiler.graph import get_attr, observer_of
 from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
 from lowbit.errors import ArtifactError, CalibrationError
 from lowbit.passes.insert_observers import observer_nodes
@@ -71,6 +77,69 @@ def stream_calibration(interp: fx.Interpreter, ctx: PassContext, desc: str) -> i
     if batches == 0:
         raise CalibrationError("calibration is empty: give at least one batch")
     return batches
+
+
+def stream_layerwise(gm: fx.GraphModule, ctx: PassContext, layers: Iterable[fx.Node],
+                     visit: Callable[[fx.Node, list[torch.Tensor]], None], desc: str) -> int:
+    """Run the calibration batches through ``gm`` one node at a time, all batches together. Before each node
+    of ``layers`` runs, ``visit(node, xs)`` gets its first input in every batch (``xs[b]``) and may replace the
+    node's weight (a get_attr argument is read when used, so the node and everything after it see the change).
+    Observers pass their input through untouched (their ranges are calibrated already). Returns the number
+    of batches."""
+    signature = ctx.notes["signature"]
+    flats = [signature.flatten(b, error=CalibrationError, where=f"calibration batch {i}", check_finite=True)
+             for i, b in enumerate(calibration_batches(ctx.calibration or ()))]
+    if not flats:
+        raise CalibrationError("calibration is empty: give at least one batch")
+    wanted = set(layers)
+    nodes = list(gm.graph.nodes)
+    last_use: dict[fx.Node, int] = {}
+    for i, n in enumerate(nodes):
+        for a in n.all_input_nodes:
+            last_use[a] = i
+    env: dict[fx.Node, list[Any]] = {}
+    for j, p in enumerate(n for n in nodes if n.op == "placeholder"):
+        env[p] = [f[j] for f in flats]
+
+    def value(a: fx.Node, b: int) -> Any:
+        return get_attr(gm, str(a.target)) if a.op == "get_attr" else env[a][b]
+
+    bar = tqdm(total=len(wanted), desc=desc, unit="layer", disable=None if ctx.progress else True, leave=False)
+    with torch.no_grad():
+        for i, n in enumerate(nodes):
+            if n.op in ("placeholder", "get_attr"):
+                continue
+            if n.op == "output":
+                break
+            if n in wanted:
+                visit(n, [value(n.args[0], b) for b in range(len(flats))])  # type: ignore[arg-type]
+                bar.update(1)
+                wanted.discard(n)
+                if not wanted:  # nothing after the last layer matters (a causal LM's logits are the largest)
+                    break
+            outs = []
+            for b in range(len(flats)):
+                args = fx.node.map_arg(n.args, lambda a, b=b: value(a, b))
+                kwargs = fx.node.map_arg(n.kwargs, lambda a, b=b: value(a, b))
+                try:
+                    if observer_of(gm, n) is not None:
+                        out = args[0]
+                    elif n.op == "call_function":
+                        out = n.target(*args, **kwargs)  # type: ignore[operator]
+                    elif n.op == "call_module":
+                        out = gm.get_submodule(str(n.target))(*args, **kwargs)
+                    else:
+                        out = getattr(args[0], str(n.target))(*args[1:], **kwargs)
+                except Exception as e:
+                    raise CalibrationError(f"calibration batch {b}: node {n.name} ({n.target}) failed: "
+                                           f"{type(e).__name__}: {e}") from e
+                outs.append(out)
+            env[n] = outs
+            for a in n.all_input_nodes:
+                if last_use.get(a) == i:
+                    env.pop(a, None)
+    bar.close()
+    return len(flats)
 
 
 def qparam_key(observes: str) -> str:

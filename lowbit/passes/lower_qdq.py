@@ -5,13 +5,18 @@
 - A weight becomes an int8 buffer (int4 codes are stored unpacked in int8) with its scales, read
   through ``dequantize_per_tensor`` / ``dequantize_per_channel`` / ``dequantize_per_channel_group``.
 - A dynamic per-token layer gets ``choose_qparams_per_token -> quantize_per_token -> dequantize_per_token``
-  on its input.
+  on its input. With an outlier threshold (``w8a8_llm_int8``, LLM.int8()) the input is split first: the
+  columns where any |x| of the call exceeds it bypass the quantizer and are added back after the dequantize,
+  ``x' = DQ(Q(x - x_o)) + x_o`` with ``x_o = x * [max_tokens |x_j| > t]``: the outliers meet the int8 weight's
+  dequantized columns in float, as bitsandbytes does.
 - A static W8A8 conv's bias is put on its int32 accumulator grid, ``round(b / (s_x s_w)) s_x s_w``, as the
   integer convs of the engines add it (so they agree with this reference to the code).
 
 The qparams go to ``ctx.notes['qparams']`` (what an artifact stores) and a per-layer summary to
 ``ctx.notes['layers']`` (what the report prints). With ``ctx.qparams`` set (re-applying an artifact),
-stored weight codes and scales are used instead of quantizing the model's weights again.
+stored weight codes and scales are used instead of quantizing the model's weights again; a weight that GPTQ or
+AWQ rounded (``ctx.notes['weight_qparams']``: its scales and zero points, the weight left on their grid) keeps
+their qparams.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from lowbit.runtime.qparams import dequantize_weight, quantize_weight, sqnr, wei
 from lowbit.runtime.spec import QuantSpec
 
 qd = torch.ops.quantized_decomposed
+aten = torch.ops.aten
 TORCH_DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "int4": torch.int8, "uint4": torch.uint8}
 
 
@@ -98,7 +104,11 @@ class LowerQDQ(Pass):
                 if act is not None and not act.dynamic and QUANTIZABLE[layer.target].startswith("conv"):
                     stats["conv_biases_on_int32_grid"] += self._round_conv_bias(gm, layer, name, qparams)
             if act is not None and act.dynamic and isinstance(layer.args[0], fx.Node):
-                x = layer.args[0]
+                x = original = layer.args[0]
+                outliers = None
+                if act.outlier_threshold is not None:  # LLM.int8(): outlier columns go around the quantizer
+                    x, outliers = self._split_outliers(graph, layer, original, float(act.outlier_threshold))
+                    stats["llm_int8_inputs"] = stats.get("llm_int8_inputs", 0) + 1
                 with graph.inserting_before(layer):
                     cq = _call(graph, qd.choose_qparams_per_token.default, (x, torch.int8), "token_qparams")
                     s = _call(graph, operator.getitem, (cq, 0), "token_scale")
@@ -107,7 +117,11 @@ class LowerQDQ(Pass):
                     dq = _call(graph, qd.dequantize_per_token.default,
                                (q, s, z, -128, 127, torch.int8, torch.float32), "token_dq")
                 dq.meta["val"] = x.meta.get("val")
-                layer.replace_input_with(x, dq)
+                if outliers is not None:
+                    with graph.inserting_before(layer):
+                        dq = _call(graph, aten.add.Tensor, (dq, outliers), "llm_int8_join")
+                    dq.meta["val"] = original.meta.get("val")
+                layer.replace_input_with(original, dq)
                 stats["dynamic_inputs"] += 1
         delete_unused_attrs(gm)
         gm.recompile()
@@ -130,12 +144,18 @@ class LowerQDQ(Pass):
             if tuple(q.shape) != tuple(w.shape):
                 raise ArtifactError(f"layer {name!r}: stored weight has shape {tuple(q.shape)}, the model's has "
                                     f"{tuple(w.shape)}: the artifact was made from another model")
+        elif key in ctx.notes.get("weight_qparams", {}):
+            # GPTQ / AWQ chose this weight's qparams and left it on their grid: the codes are exact
+            scale, zp = ctx.notes["weight_qparams"][key]
+            q = weight_codes(w, scale, zp, spec)
         else:
             q, scale, zp = quantize_weight(w, spec)
+        info["weight_method"] = ctx.notes.get("weight_methods", {}).get(name, "rtn")
         qparams.update({f"{key}.q": q, f"{key}.scale": scale, f"{key}.zero_point": zp})
         info["weight_granularity"] = spec.granularity + (f"/{spec.group_size}" if spec.group_size else "")
         info["weight_bits"] = spec.bits
-        info["weight_sqnr_db"] = sqnr(w, dequantize_weight(q, scale, zp, spec))
+        # GPTQ / AWQ left the weight on (or clipped it toward) its grid: they measured against the weight before
+        info["weight_sqnr_db"] = ctx.notes.get("weight_sqnr", {}).get(name, sqnr(w, dequantize_weight(q, scale, zp, spec)))
         graph = gm.graph
         dtype = TORCH_DTYPES[spec.dtype]
         q_node = constant_node(gm, f"{name}_weight_q", q, layer)
@@ -157,6 +177,24 @@ class LowerQDQ(Pass):
                                     torch.float32), "weight_dq")
         dq.meta["val"] = w
         return dq
+
+    @staticmethod
+    def _split_outliers(graph: fx.Graph, layer: fx.Node, x: fx.Node, threshold: float) -> tuple[fx.Node, fx.Node]:
+        """LLM.int8()'s decomposition as graph ops: (inliers, outliers) with x = inliers + outliers, the outliers
+        the input columns where any |x| of the call exceeds ``threshold`` (``qparams.llm_int8_split``)."""
+        val = x.meta.get("val")
+        ndim = val.ndim if isinstance(val, torch.Tensor) else 2
+        with graph.inserting_before(layer):
+            absx = _call(graph, aten.abs.default, (x,), "llm_int8_abs")
+            colmax = _call(graph, aten.amax.default, (absx, list(range(ndim - 1))), "llm_int8_colmax")
+            mask = _call(graph, aten.gt.Scalar, (colmax, threshold), "llm_int8_mask")
+            maskf = _call(graph, aten._to_copy.default, (mask,), "llm_int8_mask")
+            maskf.kwargs = {"dtype": val.dtype if isinstance(val, torch.Tensor) else torch.float32}
+            outliers = _call(graph, aten.mul.Tensor, (x, maskf), "llm_int8_outliers")
+            inliers = _call(graph, aten.sub.Tensor, (x, outliers), "llm_int8_inliers")
+        for n in (outliers, inliers):
+            n.meta["val"] = val
+        return inliers, outliers
 
     @staticmethod
     def _round_conv_bias(gm: fx.GraphModule, layer: fx.Node, name: str, qparams: dict[str, torch.Tensor]) -> int:

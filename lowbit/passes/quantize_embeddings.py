@@ -14,7 +14,9 @@ real tokens is unchanged; the SQNR of all outputs, padded positions included, go
 The pass runs before SmoothQuant and calibration, so every later measurement (ranges, the planner's
 fidelity, the sensitivity analysis) sees the int8 tables. Tables under ``MIN_NUMEL`` entries stay float
 (MiniLM's 2 x 384 token-type table: nothing worth saving), and so does a table the graph also reads other
-than through ``embedding`` (a weight tied to an output projection). ``QuantConfig(embeddings="float")`` or a
+than through ``embedding`` or as the weight of a linear. A table tied to an output projection (a causal LM's
+``lm_head``) is looked up as int8 rows while the projection reads the float table and gets its own quantized
+copy from its layer spec (w8a16 by default under ``w4a16``). ``QuantConfig(embeddings="float")`` or a
 target that runs no plain int8 tensors (``tensorrt-int8``: int8 only between Q/DQ) switch it off.
 
 With a fidelity target the tables are not part of the plan, so they get a fixed share of its error budget:
@@ -53,9 +55,18 @@ MIN_NUMEL = 1024
 MARGIN_DB = 10.0
 
 
+def _is_lookup(user: fx.Node, weight: fx.Node) -> bool:
+    return (user.op == "call_function" and user.target is aten.embedding.default and user.args[0] is weight
+            and weight not in user.args[1:])
+
+
 def _table_users_are_lookups(weight: fx.Node) -> bool:
-    return all(u.op == "call_function" and u.target is aten.embedding.default and u.args[0] is weight
-               and weight not in u.args[1:] for u in weight.users)
+    """Every reader of the table looks rows up in it, or is a linear using it as its weight (a tied output
+    projection: it keeps reading the float table, and gets its own quantized copy from its layer spec)."""
+    lookups = [u for u in weight.users if _is_lookup(u, weight)]
+    tied = [u for u in weight.users if u.op == "call_function" and u.target is aten.linear.default
+            and u.args[1] is weight and weight not in (u.args[0], *u.args[2:])]
+    return bool(lookups) and len(lookups) + len(tied) == len(weight.users)
 
 
 def _with_dtype(val: Any, dtype: torch.dtype, last: int | None = None) -> Any:
@@ -113,7 +124,7 @@ class QuantizeEmbeddings(Pass):
             qparams[f"{name}.row_scale"] = scales.reshape(-1).float()
             codes_node = constant_node(gm, f"{name}_int8", codes, weight)  # the table's get_attr precedes its lookups
             scales_node = constant_node(gm, f"{name}_row_scale", scales, weight)
-            for lookup in list(weight.users):
+            for lookup in [u for u in weight.users if _is_lookup(u, weight)]:
                 ids = lookup.args[1]
                 with graph.inserting_before(lookup):
                     rows = graph.call_function(aten.embedding.default, (codes_node, ids))

@@ -16,10 +16,12 @@ their columns.
 Where ``1/s`` goes (the report says which, per layer):
 
 - ``layer_norm``: into the LayerNorm's gamma and beta (``LN(x) * g/s + b/s``), when the LayerNorm's
-  output feeds only the smoothed linears (a pre-LN block). A LayerNorm that also feeds a residual add
+  output feeds only the smoothed linears (a pre-LN block). ``rms_norm``: likewise into an RMSNorm's weight
+  (Llama's ``weight * x * rsqrt(mean(x^2) + eps)``: a mul by a per-channel constant). A LayerNorm that also feeds a residual add
   (BERT's post-LN blocks) is left alone: folding would change the residual stream.
 - ``linear``: into the previous linear's output rows and bias, when its output (possibly through a
-  ReLU: ``relu(z / s) = relu(z) / s`` for ``s > 0``) feeds only the smoothed linears; or, for the
+  ReLU: ``relu(z / s) = relu(z) / s`` for ``s > 0``, or as a factor of a gated product: ``a * (z / s) =
+  (a * z) / s``, Llama's ``silu(gate) * up``) feeds only the smoothed linears; or, for the
   attention-output projection, into the value projection's rows: attention mixes tokens, not channels,
   so ``softmax(QK^T) (V / s) = (softmax(QK^T) V) / s`` per channel (lowbit/compiler/patterns.py).
 - ``explicit rescale``: everywhere else (a GELU output, an attention context, a LayerNorm with a
@@ -140,6 +142,20 @@ def _sole_attr_use(gm: fx.GraphModule, node: fx.Node | None) -> bool:
     return len(same) == 1 and len(node.users) == 1
 
 
+def norm_scale(gm: fx.GraphModule, x: fx.Node) -> fx.Node | None:
+    """The weight of an RMSNorm-style ``mul(weight, y)`` (either order): a 1-D constant over the channels of
+    ``x`` that only this mul reads; None if ``x`` is not such a product."""
+    if not (x.op == "call_function" and x.target is aten.mul.Tensor and len(x.args) == 2):
+        return None
+    val = x.meta.get("val")
+    for a, other in (x.args, x.args[::-1]):
+        t = attr_tensor(gm, a) if isinstance(a, fx.Node) else None
+        if (t is not None and t.ndim == 1 and isinstance(other, fx.Node) and isinstance(val, torch.Tensor)
+                and t.shape[0] == val.shape[-1] and _sole_attr_use(gm, a)):
+            return a
+    return None
+
+
 def _fold_target(gm: fx.GraphModule, group: Group) -> tuple[str, fx.Node | None, str]:
     """Where 1/s can go for this group: (kind, producer node, why not folded)."""
     x = group.x
@@ -152,6 +168,9 @@ def _fold_target(gm: fx.GraphModule, group: Group) -> tuple[str, fx.Node | None,
         if _sole_attr_use(gm, w) and (b is None or _sole_attr_use(gm, b)):
             return "layer_norm", x, ""
         return "explicit rescale", None, f"LayerNorm {x.name} has no own affine parameters"
+    scale = norm_scale(gm, x)
+    if scale is not None:  # RMSNorm (Llama): weight * normalized(x), the weight a per-channel constant
+        return "rms_norm", x, ""
     prod, through = x, ""
     value = attention_value_source(x)
     if value is not None:  # an attention context: 1/s goes into the value projection's rows
@@ -162,6 +181,12 @@ def _fold_target(gm: fx.GraphModule, group: Group) -> tuple[str, fx.Node | None,
         prod, through = x.args[0], " through its relu"
         if len(prod.users) != 1:
             return "explicit rescale", None, f"{prod.name} feeds more than the relu"
+    elif x.op == "call_function" and x.target is aten.mul.Tensor and len(x.args) == 2:
+        # a gated product (Llama's MLP: silu(gate(h)) * up(h)): (a * z) / s = a * (z / s), into the linear z
+        factors = [a for a in x.args if isinstance(a, fx.Node) and a.target is aten.linear.default
+                   and len(a.users) == 1 and a.args[0] is not None]
+        if factors:
+            prod, through = factors[-1], " through the gated product"
     if prod.op == "call_function" and prod.target is aten.linear.default:
         w = prod.args[1]
         b = prod.args[2] if len(prod.args) > 2 else None
@@ -237,7 +262,8 @@ class SmoothQuant(Pass):
             self._collect(gm, ctx, groups)
             factors = {id(g): self._factors(gm, g, config) for g in groups}
         qparams: dict[str, torch.Tensor] = ctx.notes.setdefault("qparams", {})
-        stats = {"layers_smoothed": 0, "folded_layer_norm": 0, "folded_linear": 0, "explicit_rescales": 0}
+        stats = {"layers_smoothed": 0, "folded_layer_norm": 0, "folded_rms_norm": 0, "folded_linear": 0,
+                 "explicit_rescales": 0}
         for g in groups:
             s = factors[id(g)]
             if s is None:  # auto search chose "not smoothed"
@@ -256,7 +282,8 @@ class SmoothQuant(Pass):
                         "act_absmax_smoothed": float((g.absmax / s).max())} if g.lo is not None else {}),
                 }
             stats["layers_smoothed"] += len(g.layers)
-            stats[{"layer_norm": "folded_layer_norm", "linear": "folded_linear"}.get(g.fold, "explicit_rescales")] += 1
+            stats[{"layer_norm": "folded_layer_norm", "rms_norm": "folded_rms_norm",
+                   "linear": "folded_linear"}.get(g.fold, "explicit_rescales")] += 1
         delete_unused_attrs(gm)
         gm.recompile()
         return PassResult(gm, {k: v for k, v in stats.items() if v})
@@ -371,6 +398,13 @@ class SmoothQuant(Pass):
                     args[i] = constant_node(gm, f"{args[i].target}_smoothed", (t.detach() * inv).to(t.dtype), prod)
             prod.args = tuple(args)
             return f"layer_norm {module_path(prod) or prod.name}"
+        if g.fold == "rms_norm" and prod is not None:
+            i = next(i for i, a in enumerate(prod.args) if norm_scale(gm, prod) is a)
+            t = attr_tensor(gm, prod.args[i])
+            args = list(prod.args)
+            args[i] = constant_node(gm, f"{prod.args[i].target}_smoothed", (t.detach() * inv).to(t.dtype), prod)
+            prod.args = tuple(args)
+            return f"rms_norm {module_path(prod) or prod.name}"
         if g.fold == "linear" and prod is not None:
             w = attr_tensor(gm, prod.args[1])
             args = list(prod.args)

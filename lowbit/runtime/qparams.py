@@ -5,7 +5,8 @@ Affine quantization maps a real x to an integer q in [qmin, qmax]:
     q = clamp(round_half_even(x / scale) + zero_point, qmin, qmax)
     x' = (q - zero_point) * scale
 
-Symmetric specs fix zero_point = 0 and scale = absmax / qmax. Asymmetric specs stretch [min(lo, 0),
+Symmetric specs fix zero_point = 0 and scale = absmax / qmax (with ``signed_scale``: the value of largest
+magnitude divided by qmin, so it lands exactly on the most negative code, as llama.cpp's Q4_0). Asymmetric specs stretch [min(lo, 0),
 max(hi, 0)] over the whole integer range, so 0.0 is exactly representable (padding and ReLU zeros stay
 exact). A zero or constant range gives scale = EPS (finite, positive), never NaN.
 """
@@ -31,6 +32,13 @@ def choose_qparams(
     max_val = torch.as_tensor(max_val, dtype=torch.float64)
     min_neg = torch.clamp(min_val, max=0.0)
     max_pos = torch.clamp(max_val, min=0.0)
+    if spec.symmetric and spec.signed_scale:
+        # the value of largest magnitude lands on qmin: scale = that value / qmin, negative for a positive one
+        signed = torch.where(-min_neg >= max_pos, min_neg, max_pos)
+        scale = signed / spec.qmin
+        magnitude = torch.clamp(scale.abs(), min=EPS)
+        scale = torch.where(scale < 0, -magnitude, magnitude)
+        return scale.to(torch.float32), torch.zeros_like(scale).to(torch.int32)
     if spec.symmetric:
         # assumes a signed dtype (checked by QuantSpec); qmax is the largest positive code
         amax = torch.maximum(-min_neg, max_pos)
@@ -143,6 +151,21 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = x.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=PER_TOKEN_EPS) / 127.0
     q = torch.clamp(torch.round(x.float() / scale), -128, 127).to(torch.int8)
     return q, scale
+
+
+def llm_int8_split(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLM.int8()'s outlier decomposition: (inliers, outliers), ``x = inliers + outliers``; the outliers are the
+    input columns (last axis) where any |x| over all tokens exceeds ``threshold``."""
+    mask = x.detach().abs().amax(dim=tuple(range(x.ndim - 1))) > threshold
+    outliers = x * mask.to(x.dtype)
+    return x - outliers, outliers
+
+
+def fake_quantize_llm_int8(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per-token int8 on the inlier columns, the outlier columns exact (the reference of ``w8a8_llm_int8``)."""
+    inliers, outliers = llm_int8_split(x, threshold)
+    q, scale = quantize_per_token(inliers)
+    return (q.float() * scale).to(x.dtype) + outliers
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Any
 
 COLUMNS = [
     ("layer", "layer"), ("op", "op"), ("scheme", "scheme"), ("smoothquant", "smooth"), ("weight_granularity", "weights"),
-    ("weight_sqnr_db", "w SQNR dB"), ("input_scale", "in scale"), ("input_zero_point", "in zp"),
+    ("weight_method", "method"), ("weight_sqnr_db", "w SQNR dB"), ("input_scale", "in scale"), ("input_zero_point", "in zp"),
     ("kernel", "engine kernel"), ("int8", "int8"),
 ]
 
@@ -68,6 +68,10 @@ class Report:
                          f"all at the start scheme {_fmt(plan['start_fidelity'])}), relative cost "
                          f"{plan['relative_cost']:.3f} (start {plan['start_cost']:.3f}), "
                          f"{plan['evaluations']} evaluations")
+            if "float_ppl" in plan:
+                parts.append(f"plan: perplexity {_fmt(plan['ppl'])} against float {_fmt(plan['float_ppl'])} "
+                             f"(+{plan['ppl'] / plan['float_ppl'] - 1:.2%}; budget +{plan['target_ppl_increase']:.2%}; "
+                             f"all at the start scheme {_fmt(plan['start_ppl'])}) on the fidelity batches")
         embeddings = self.sections.get("embeddings")
         if embeddings and embeddings.get("tables"):
             parts.append("\nembedding tables as int8 rows: " + "; ".join(

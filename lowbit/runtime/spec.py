@@ -26,7 +26,10 @@ class QuantSpec:
     """How one tensor is quantized.
 
     ``narrow`` drops the most negative code of a signed type ([-127, 127] for int8) so that symmetric
-    quantization is symmetric (TensorRT's convention for weights). ``axis`` is the channel axis for
+    quantization is symmetric (TensorRT's convention for weights). ``signed_scale`` uses the whole signed
+    range instead: the value of largest magnitude goes to the most negative code, ``scale = w[argmax |w|] /
+    qmin`` (negative when that value is positive), as llama.cpp's Q4_0 and NNCF's INT4_SYM do: at 4 bits
+    that is 16 usable levels and a step of max|w|/8 instead of 15 levels and max|w|/7. ``axis`` is the channel axis for
     per-channel; per-group groups run along the last axis (the input features of a linear).
     """
 
@@ -37,6 +40,8 @@ class QuantSpec:
     group_size: int | None = None
     dynamic: bool = False
     narrow: bool = False
+    signed_scale: bool = False
+    outlier_threshold: float | None = None  # LLM.int8(): input columns with any |x| above it stay float
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_RANGES:
@@ -47,6 +52,8 @@ class QuantSpec:
             raise ValueError("QuantSpec with granularity='per_group' needs a group_size")
         if self.symmetric and self.dtype.startswith("u"):
             raise ValueError(f"symmetric quantization needs a signed dtype, got {self.dtype!r}")
+        if self.signed_scale and (not self.symmetric or self.narrow):
+            raise ValueError("signed_scale is a convention of symmetric quantization over the full range (not narrow)")
 
     @property
     def qmin(self) -> int:
@@ -68,12 +75,17 @@ class QuantSpec:
     def from_json(cls, d: Mapping[str, Any]) -> QuantSpec:
         return cls(**d)
 
+    def describe(self) -> str:
+        """'int4 sym g64', 'uint4 asym g64', 'int8 sym per_channel'."""
+        gran = f"g{self.group_size}" if self.granularity == "per_group" else self.granularity
+        return f"{self.dtype} {'sym' if self.symmetric else 'asym'} {gran}"
+
 
 # --------------------------------------------------------------------------------------------------
 # Schemes: the named per-layer choices a plan is made of.
 # --------------------------------------------------------------------------------------------------
 
-SCHEMES = ("w8a8", "w8a8_dynamic", "w8a16", "w4a16", "float")
+SCHEMES = ("w8a8", "w8a8_dynamic", "w8a8_llm_int8", "w8a16", "w4a16", "float")
 
 
 @dataclass(frozen=True)
@@ -134,8 +146,10 @@ class LayerSpec:
             return f"scheme 'w4a16' needs a 4-bit weight spec, the entry gives {w.dtype}"
         if self.scheme == "w8a8" and (a is None or a.dynamic):
             return "scheme 'w8a8' needs a static 'activation' spec (dynamic per token is 'w8a8_dynamic')"
-        if self.scheme == "w8a8_dynamic" and (a is None or not a.dynamic):
-            return "scheme 'w8a8_dynamic' needs a dynamic per-token 'activation' spec"
+        if self.scheme == "w8a8_dynamic" and (a is None or not a.dynamic or a.outlier_threshold is not None):
+            return "scheme 'w8a8_dynamic' needs a dynamic per-token 'activation' spec (no outlier threshold)"
+        if self.scheme == "w8a8_llm_int8" and (a is None or not a.dynamic or a.outlier_threshold is None):
+            return "scheme 'w8a8_llm_int8' needs a dynamic per-token 'activation' spec with an 'outlier_threshold'"
         return None
 
 
@@ -145,24 +159,39 @@ def scheme_spec(
     weight_granularity: str = "per_channel",
     group_size: int = 128,
     activation_symmetric: bool = False,
+    weight_symmetric: bool = True,
+    outlier_threshold: float = 6.0,
 ) -> LayerSpec:
-    """Expand a scheme name into its weight and activation specs."""
+    """Expand a scheme name into its weight and activation specs.
+
+    Symmetric int4 weights use the full [-8, 7] range with a signed scale (``QuantSpec.signed_scale``);
+    symmetric int8 weights the narrow [-127, 127] (what TensorRT and the int8 GEMMs expect). Asymmetric
+    weights (``weight_symmetric=False``) are uint4 / uint8 with a zero point per group or channel; they
+    are for the weight-only schemes (an integer GEMM wants symmetric weights).
+    """
     if scheme == "float":
         return LayerSpec("float")
     if scheme == "w4a16":
-        return LayerSpec("w4a16", weight=QuantSpec("int4", True, "per_group", group_size=group_size))
+        w4 = (QuantSpec("int4", True, "per_group", group_size=group_size, signed_scale=True) if weight_symmetric
+              else QuantSpec("uint4", False, "per_group", group_size=group_size))
+        return LayerSpec("w4a16", weight=w4)
+    asym = not weight_symmetric and scheme == "w8a16"
+    dtype, sym, narrow = ("uint8", False, False) if asym else ("int8", True, True)
     if weight_granularity == "per_group":
-        w = QuantSpec("int8", True, "per_group", group_size=group_size, narrow=True)
+        w = QuantSpec(dtype, sym, "per_group", group_size=group_size, narrow=narrow)
     elif weight_granularity == "per_channel":
-        w = QuantSpec("int8", True, "per_channel", axis=0, narrow=True)
+        w = QuantSpec(dtype, sym, "per_channel", axis=0, narrow=narrow)
     elif weight_granularity == "per_tensor":
-        w = QuantSpec("int8", True, "per_tensor", narrow=True)
+        w = QuantSpec(dtype, sym, "per_tensor", narrow=narrow)
     else:
         raise ValueError(f"unknown weight granularity {weight_granularity!r}")
     if scheme == "w8a16":
         return LayerSpec("w8a16", weight=w)
     if scheme == "w8a8_dynamic":
         return LayerSpec("w8a8_dynamic", weight=w, activation=QuantSpec("int8", True, "per_token", dynamic=True))
+    if scheme == "w8a8_llm_int8":  # LLM.int8(): per-token int8 on the inlier columns, outlier columns in float
+        return LayerSpec("w8a8_llm_int8", weight=w, activation=QuantSpec(
+            "int8", True, "per_token", dynamic=True, outlier_threshold=float(outlier_threshold)))
     if scheme == "w8a8":
         act = (
             QuantSpec("int8", True, "per_tensor")

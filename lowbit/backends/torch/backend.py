@@ -30,7 +30,7 @@ class TorchBackend:
     schemes = frozenset(SCHEMES)
     #: relative cost per MAC (planner): the CPU table (compile=True runs int8 layers on oneDNN; eager
     #: fake-quant is a reference, not a speed). Estimates, to be replaced by measured ones.
-    scheme_costs = {"w8a8": 1.0, "w8a8_dynamic": 1.15, "float": 2.0, "w8a16": 2.2, "w4a16": 2.5}
+    scheme_costs = {"w8a8": 1.0, "w8a8_dynamic": 1.15, "w8a8_llm_int8": 1.4, "float": 2.0, "w8a16": 2.2, "w4a16": 2.5}
     extra = None
 
     def check_available(self) -> None:

@@ -56,10 +56,10 @@ WEIGHTS_FILE = "weights.safetensors"
 
 class TritonBackend:
     name = "triton"
-    schemes = frozenset({"w8a8", "w8a8_dynamic", "w8a16", "w4a16", "float"})
+    schemes = frozenset({"w8a8", "w8a8_dynamic", "w8a8_llm_int8", "w8a16", "w4a16", "float"})
     #: relative cost per MAC (planner). Estimates for compute-bound GEMMs on GPUs with int8 tensor cores
     #: (int8 ~2x fp16); weight-only kernels win only when memory-bound (small batch), not modelled here.
-    scheme_costs = {"w8a8": 1.0, "w8a8_dynamic": 1.1, "w4a16": 1.4, "w8a16": 1.5, "float": 2.0}
+    scheme_costs = {"w8a8": 1.0, "w8a8_dynamic": 1.1, "w8a8_llm_int8": 1.3, "w4a16": 1.4, "w8a16": 1.5, "float": 2.0}
     extra = "triton"
 
     def check_available(self) -> None:

@@ -8,6 +8,7 @@ Patterns (after lower_qdq), and what each becomes:
   are shifted by 128 into int8 and the shift is folded into the bias:
   ``bias' = bias + s_x * w_scale[n] * (128 - zero_point) * sum_k Wq[n, k]``.
 * w8a8_dynamic: ``linear(dequantize_per_token(quantize_per_token(x, choose_qparams_per_token(x))), ...)``
+* w8a8_llm_int8: ``linear(add(dequantize_per_token(...(x - x_o)), x_o), ...)`` -> ``lowbit::llm_int8_linear``
   -> ``a, s = lowbit.quantize_per_token(x); lowbit.w8a8_linear(a, s, Wq, w_scale, bias)``.
 * w8a16 / w4a16: ``linear(x, dequantize_per_channel[_group](Wq))`` ->
   ``lowbit.weight_only_linear(x, Wq (int4: packed two per byte), scales, zeros, bias, bits, group_size)``.
@@ -116,14 +117,16 @@ def _call(graph: fx.Graph, target: Any, args: tuple[Any, ...], role: str) -> fx.
 def _erase_dead_chain(graph: fx.Graph, node: Any) -> None:
     """Erase ``node`` if nothing uses it, then its inputs that became dead (q/dq chains, constants)."""
     stack = [node]
+    erased: set[fx.Node] = set()
     while stack:
         n = stack.pop()
-        if not isinstance(n, fx.Node) or n.users or n.op in ("placeholder", "output"):
+        if not isinstance(n, fx.Node) or n in erased or n.users or n.op in ("placeholder", "output"):
             continue
         if n.op == "call_function" and n.meta.get(meta.QROLE) is None:
             continue  # only lowering's own nodes are collected here
         inputs = list(n.all_input_nodes)
         graph.erase_node(n)
+        erased.add(n)
         stack.extend(inputs)
 
 
@@ -200,6 +203,15 @@ class LowerQuantizedLinear(Pass):
         if not isinstance(x_dq, fx.Node):
             return Fallback("the input is not a graph node")
         role = x_dq.meta.get(meta.QROLE)
+        if spec.activation.outlier_threshold is not None:  # LLM.int8(): x' = DQ(Q(x - x_o)) + x_o
+            outliers = x_dq.args[1] if role == "llm_int8_join" else None
+            if not (isinstance(outliers, fx.Node) and outliers.meta.get(meta.QROLE) == "llm_int8_outliers"):
+                return Fallback("the input is not LLM.int8()'s outlier decomposition")
+            name = layer.meta[meta.LAYER]
+            ws_node = constant_node(gm, f"{name}_w_scale", w_scale.contiguous(), layer)
+            self._replace(gm, layer, OPS["llm_int8_linear"],
+                          (outliers.args[0], w.q_node, ws_node, bias, float(spec.activation.outlier_threshold)))
+            return "llm_int8 (quantize_per_token kernel + w8a8_gemm on inliers, float outlier columns)"
         if spec.activation.dynamic:
             if role != "token_dq" or x_dq.target != qd.dequantize_per_token.default:
                 return Fallback("the input is not read through a per-token dequantize")

@@ -9,6 +9,8 @@ op                                 runs
 ``lowbit::w8a8_linear``            ``kernels.w8a8_gemm.w8a8_linear``: int8 x int8 GEMM, scales and
                                    bias in the epilogue
 ``lowbit::weight_only_linear``     ``kernels.weight_only_gemm.weight_only_linear``: W8A16 / W4A16
+``lowbit::llm_int8_linear``        ``kernels.llm_int8.llm_int8_linear``: LLM.int8() (the two kernels
+                                   above on the inlier columns, the outlier columns in float)
 =================================  ===============================================================
 
 The kernels take 2-D operands; these ops reshape ``[..., K]`` inputs to ``[M, K]`` around the kernel
@@ -132,10 +134,29 @@ def _(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bias: Te
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
+@custom_op("lowbit::llm_int8_linear", mutates_args=())
+def llm_int8_linear(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
+    """LLM.int8(): ``kernels.llm_int8.llm_int8_linear`` -- per-token int8 GEMM on the inlier columns of ``x``
+    [..., K], the outlier columns (any |x| > threshold) in float against the dequantized int8 weight."""
+    n = w.shape[0]
+    if x.numel() == 0:
+        return torch.zeros((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    from lowbit.kernels.llm_int8 import llm_int8_linear as kernel
+
+    y = kernel(_rows(x), w, w_scale, bias, threshold=threshold)
+    return y.reshape(*x.shape[:-1], n)
+
+
+@register_fake("lowbit::llm_int8_linear")
+def _(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
 #: the op overloads this module registers, by the kernel they run (for counting them in graphs)
 OPS = {
     "quantize_per_token": torch.ops.lowbit.quantize_per_token.default,
     "quantize_per_tensor_int8": torch.ops.lowbit.quantize_per_tensor_int8.default,
     "w8a8_linear": torch.ops.lowbit.w8a8_linear.default,
     "weight_only_linear": torch.ops.lowbit.weight_only_linear.default,
+    "llm_int8_linear": torch.ops.lowbit.llm_int8_linear.default,
 }
