@@ -30,7 +30,7 @@ __all__ = [
     "LowbitError", "CaptureError", "CalibrationError", "QuantConfigError", "PlanError", "ArtifactError",
     "BackendNotAvailable", "BackendUnavailable", "EngineMismatchError", "PassError", "InputError",
 ]
-from lowbit.runtime.layerwise import LayerwiseReport, compare_layers  # noqa: E402
 from lowbit import evaluate  # noqa: E402  perplexity and the offline text/model for LLMs
+from lowbit.runtime.layerwise import LayerwiseReport, compare_layers  # noqa: E402
 
 __all__ += ["compare_layers", "LayerwiseReport", "evaluate"]

@@ -276,3 +276,19 @@ def test_choose_qparams_signed_scale_vectors() -> None:
     scale, zp = choose_qparams(lo, hi, W4_SYM)
     torch.testing.assert_close(scale, torch.tensor([1 / 8, -2 / 8, torch.finfo(torch.float32).eps]))
     assert int(zp.abs().sum()) == 0
+
+
+def test_gptq_awq_recipe_saves_packed_int4_and_reloads_bit_identical(tiny_llama, llama_batches, tmp_path) -> None:
+    from safetensors import safe_open
+
+    q = _compile(tiny_llama, llama_batches, scheme="w4a16", group_size=64, weight_method="awq+gptq",
+                 weight_symmetric=False)
+    q.save(tmp_path / "a")
+    with safe_open(str(tmp_path / "a" / "qparams.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        packed = f.get_tensor("model.layers.0.mlp.down_proj.weight.q4")
+    assert packed.dtype == torch.uint8 and packed.shape == (128, 128)  # [out, in / 2]: half a byte a weight
+    assert "model.layers.0.mlp.down_proj.weight.q" not in keys and "lm_head.weight.q" in keys  # lm_head: 8-bit
+    back = lowbit.load(tmp_path / "a", model=tiny_llama)
+    ids = torch.randint(0, 256, (2, 33))
+    assert torch.equal(back(ids)[0], q(ids)[0])

@@ -96,6 +96,27 @@ def attention_score_inputs(gm: fx.GraphModule) -> set[fx.Node]:
     return out
 
 
+def feeds_attention_scores(node: fx.Node, max_depth: int = 16) -> bool:
+    """Whether ``node``'s value reaches an SDPA as its query or key (the operands of Q K^T) through ops that
+    are not another linear or attention: head splits, rotary embeddings (mul, cat, add), grouped-query
+    expands. A value projection reaches it as the third argument only."""
+    frontier, seen = [node], {node}
+    for _ in range(max_depth):
+        nxt = []
+        for n in frontier:
+            for user in n.users:
+                if user.target is SDPA:
+                    if any(a is n for a in user.args[:2]):
+                        return True
+                    continue
+                if user in seen or user.target in (aten.linear.default, aten.matmul.default, aten.bmm.default):
+                    continue
+                seen.add(user)
+                nxt.append(user)
+        frontier = nxt
+    return False
+
+
 ADDS = {aten.add.Tensor, aten.add_.Tensor}
 
 

@@ -42,7 +42,7 @@ from lowbit.compiler.graph import (
     output_projections,
 )
 from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
-from lowbit.compiler.patterns import attention_score_inputs
+from lowbit.compiler.patterns import feeds_attention_scores
 from lowbit.config import QuantConfig
 from lowbit.passes.annotate import config_spec
 from lowbit.passes.calibrate import _NamingInterpreter, stream_calibration
@@ -193,7 +193,7 @@ class AWQ(Pass):
             return PassResult(gm, {})
         interp = _AbsMeanInterpreter(gm, {g.x.name: g for g in groups})
         stream_calibration(interp, ctx, "lowbit awq statistics")
-        no_clip = {n for n, node in layers.items() if _feeds_scores(node, attention_score_inputs(gm))}
+        no_clip = {n for n, node in layers.items() if feeds_attention_scores(node)}
         for g in groups:
             key = g.x.name
             if key not in interp.rows:
@@ -237,8 +237,3 @@ class AWQ(Pass):
         delete_unused_attrs(gm)
         gm.recompile()
         return PassResult(gm, {k: v for k, v in stats.items() if v})
-
-
-def _feeds_scores(node: fx.Node, scores: set[fx.Node]) -> bool:
-    """Whether a linear's output is a query or key of an attention (through the RoPE, if any)."""
-    return node in scores or any(u in scores for u in node.users)

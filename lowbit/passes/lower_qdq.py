@@ -5,7 +5,7 @@
 - A weight becomes an int8 buffer (int4 codes are stored unpacked in int8) with its scales, read
   through ``dequantize_per_tensor`` / ``dequantize_per_channel`` / ``dequantize_per_channel_group``.
 - A dynamic per-token layer gets ``choose_qparams_per_token -> quantize_per_token -> dequantize_per_token``
-  on its input. With an outlier threshold (``w8a8_llm_int8``, LLM.int8()) the input is split first: the
+  on its input, shared by the layers reading that input (per-token scales depend on the input alone). With an outlier threshold (``w8a8_llm_int8``, LLM.int8()) the input is split first: the
   columns where any |x| of the call exceeds it bypass the quantizer and are added back after the dequantize,
   ``x' = DQ(Q(x - x_o)) + x_o`` with ``x_o = x * [max_tokens |x_j| > t]``: the outliers meet the int8 weight's
   dequantized columns in float, as bitsandbytes does.
@@ -88,6 +88,7 @@ class LowerQDQ(Pass):
             stats["act_qdq"] += 1
 
         # 2. weights and dynamic inputs ----------------------------------------------------------------
+        dynamic: dict[tuple[fx.Node, float | None], fx.Node] = {}  # (input, outlier threshold) -> its dequantize
         for layer in list(annotated_nodes(gm)):
             spec = layer.meta[meta.SPEC]
             name = layer.meta[meta.LAYER]
@@ -105,6 +106,11 @@ class LowerQDQ(Pass):
                     stats["conv_biases_on_int32_grid"] += self._round_conv_bias(gm, layer, name, qparams)
             if act is not None and act.dynamic and isinstance(layer.args[0], fx.Node):
                 x = original = layer.args[0]
+                shared = dynamic.get((original, act.outlier_threshold))
+                if shared is not None:  # Q, K and V (gate and up) read one input: one per-token quantizer
+                    layer.replace_input_with(original, shared)
+                    stats["dynamic_inputs"] += 1
+                    continue
                 outliers = None
                 if act.outlier_threshold is not None:  # LLM.int8(): outlier columns go around the quantizer
                     x, outliers = self._split_outliers(graph, layer, original, float(act.outlier_threshold))
@@ -122,6 +128,7 @@ class LowerQDQ(Pass):
                         dq = _call(graph, aten.add.Tensor, (dq, outliers), "llm_int8_join")
                     dq.meta["val"] = original.meta.get("val")
                 layer.replace_input_with(original, dq)
+                dynamic[(original, act.outlier_threshold)] = dq
                 stats["dynamic_inputs"] += 1
         delete_unused_attrs(gm)
         gm.recompile()

@@ -20,9 +20,38 @@ from lowbit.config import QuantConfig
 from lowbit.errors import ArtifactError, LowbitError
 from lowbit.runtime import artifact
 from lowbit.runtime.model import CompiledModel
+from lowbit.runtime.reference import pack_int4, unpack_int4
 from lowbit.runtime.report import Report
 from lowbit.runtime.signature import Signature
 from lowbit.runtime.spec import SCHEMES, Plan
+
+
+def pack_4bit_codes(qparams: dict[str, torch.Tensor], plan: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The 4-bit layers' weight codes two per byte (``<layer>.weight.q4``, uint8 [out, in / 2]): a w4a16
+    recipe stores half a byte per weight, not the int8 its graph holds them in."""
+    out = dict(qparams)
+    for layer, spec in plan.get("layers", {}).items():
+        w = spec.get("weight") or {}
+        q = out.get(f"{layer}.weight.q")
+        if w.get("dtype") in ("int4", "uint4") and q is not None and q.shape[-1] % 2 == 0:
+            out[f"{layer}.weight.q4"] = pack_int4(out.pop(f"{layer}.weight.q"))
+            out[f"{layer}.weight.q4_signed"] = torch.tensor(w["dtype"] == "int4")
+    return out
+
+
+def unpack_4bit_codes(qparams: dict[str, torch.Tensor], directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in qparams.items():
+        if key.endswith(".q4_signed"):
+            continue
+        if key.endswith(".q4"):
+            signed = qparams.get(f"{key}_signed")
+            if signed is None or value.dtype != torch.uint8:
+                raise ArtifactError(f"{directory}/qparams.safetensors: {key} is not packed uint8 with its sign flag")
+            out[key[:-1]] = unpack_int4(value, signed=bool(signed))
+        else:
+            out[key] = value
+    return out
 
 
 class TorchBackend:
@@ -105,7 +134,7 @@ class TorchBackend:
 
         def write(tmp: Path) -> None:
             artifact.write_json(tmp / "plan.json", compiled.plan)
-            artifact.save_tensors(tmp / "qparams.safetensors", state["qparams"])
+            artifact.save_tensors(tmp / "qparams.safetensors", pack_4bit_codes(state["qparams"], compiled.plan))
             artifact.save_tensors(tmp / "example_inputs.safetensors", state["example"])
             artifact.write_json(tmp / "report.json", compiled.report.to_json())
 
@@ -132,7 +161,7 @@ class TorchBackend:
             raise ArtifactError(f"{directory}: not a target='torch' recipe (kind={manifest.get('kind')!r})")
         signature = Signature.from_json(manifest["signature"])
         plan = artifact.parse(directory, "plan.json", Plan.from_json)
-        qparams = artifact.load_tensors(directory, "qparams.safetensors")
+        qparams = unpack_4bit_codes(artifact.load_tensors(directory, "qparams.safetensors"), directory)
         tensors = artifact.load_tensors(directory, "example_inputs.safetensors")
         try:
             flat = [tensors[s.name] for s in signature.inputs]
