@@ -62,7 +62,8 @@ class QuantConfig:
     Language models: ``target_ppl_increase`` (e.g. 0.01) is the planner's fidelity target as a relative
     perplexity increase over float, measured on the fidelity batches' next-token predictions (their
     ``input_ids``); for a causal LM (a model with ``generate``) it replaces the SQNR target by default
-    (``target_ppl_increase=0.01``, unless ``target_sqnr_db`` is set to something other than its default).
+    (``target_ppl_increase=0.01``, unless ``target_sqnr_db`` is set to something other than its default),
+    and the default plan starts from ``w8a8_dynamic`` where the target runs it (``scheme`` left at w8a8).
     ``llm_int8_threshold`` is the outlier threshold of the ``w8a8_llm_int8`` scheme (LLM.int8()).
     """
 

@@ -170,8 +170,28 @@ def capture(
     args, kwargs = split_inputs(example_inputs)
     model = model.eval()
     shapes, named = build_dynamic_shapes(model, args, kwargs, dynamic_shapes, dim_bounds)
+    args, kwargs = _widen_unit_dims(model, args, kwargs, named)
     with without_kv_cache(model):
         return _export(model, args, kwargs, shapes, named, dynamic_shapes, dim_bounds)
+
+
+def _widen_unit_dims(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     named: Mapping[str, Mapping[int, str]]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """torch.export specialises a dimension of size 1 to the constant 1, so an example of batch 1 (the usual
+    LLM case) could not be dynamic: every dynamic dim of size 1 is repeated to 2 for the capture (the model
+    sees the same rows twice), and the captured graph takes any size."""
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    changed = False
+    for name, dims in named.items():
+        value = bound.arguments.get(name)
+        if not isinstance(value, torch.Tensor):
+            continue
+        for d in dims:
+            if value.shape[d] == 1:
+                value = torch.cat([value, value], dim=d)
+                changed = True
+        bound.arguments[name] = value
+    return (tuple(bound.args), dict(bound.kwargs)) if changed else (args, kwargs)
 
 
 def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], shapes: dict[str, Any],
