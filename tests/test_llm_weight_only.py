@@ -292,3 +292,13 @@ def test_gptq_awq_recipe_saves_packed_int4_and_reloads_bit_identical(tiny_llama,
     back = lowbit.load(tmp_path / "a", model=tiny_llama)
     ids = torch.randint(0, 256, (2, 33))
     assert torch.equal(back(ids)[0], q(ids)[0])
+
+
+def test_llm_default_plan_starts_per_token_and_planning_off_keeps_the_scheme(tiny_llama, llama_batches) -> None:
+    exact = _compile(tiny_llama, llama_batches, scheme="w8a8")  # both targets None: exactly what it says
+    assert {v["scheme"] for v in exact.plan["layers"].values()} == {"w8a8"}
+    planned = lowbit.compile(tiny_llama, (llama_batches[0],), calibration=llama_batches,
+                             config=lowbit.QuantConfig(fidelity_batches=1), progress=False)
+    search = planned.report.sections["plan"]
+    assert search["target_ppl_increase"] == 0.01 and search["ppl"] <= search["float_ppl"] * 1.01 + 1e-9
+    assert {v["scheme"] for v in planned.plan["layers"].values()} <= {"w8a8_dynamic", "w8a8_llm_int8", "w8a16", "float"}

@@ -73,13 +73,14 @@ def compile_model(
     backend.check_available()
     causal_lm = is_causal_lm(model)
     config = config or QuantConfig()
-    if (causal_lm and config.target_ppl_increase == "auto" and config.scheme == "w8a8"
-            and "w8a8_dynamic" in backend.schemes and config.fidelity_fn is None):
-        # an LLM's default plan starts from per-token activations where the engine runs them: a few tokens carry
-        # 100x outliers that no static per-tensor scale survives (SmolLM2: +15% perplexity static, +1.5%
-        # per token), so the 1% budget is met by promoting a few layers, not most of them
-        config = dataclasses.replace(config, scheme="w8a8_dynamic")
-    config = config.for_model(causal_lm)
+    resolved = config.for_model(causal_lm)
+    if (config.target_ppl_increase == "auto" and isinstance(resolved.target_ppl_increase, float)
+            and resolved.scheme == "w8a8" and "w8a8_dynamic" in backend.schemes):
+        # the default perplexity budget of an LLM starts from per-token activations where the engine runs them:
+        # a few tokens carry outliers no static per-tensor scale survives, so the budget is met by promoting
+        # a few layers, not most of them. Planning off (both targets None): exactly the configured scheme.
+        resolved = dataclasses.replace(resolved, scheme="w8a8_dynamic")
+    config = resolved
     if causal_lm and dynamic_shapes is None:  # prompts and windows of any length, not the example's
         dynamic_shapes = sequence_dynamic_shapes(model, example_inputs)
     if getattr(backend, "symmetric_activations", False) and not config.activation_symmetric:

@@ -215,23 +215,21 @@ class AWQ(Pass):
                     qparams[f"{name}.awq_scale"] = s.clone()
                 stats["layers_scaled"] += len(g.layers)
                 x = x / s
-            for node, name, spec in zip(g.layers, g.names, lspecs, strict=True):
-                entry: dict[str, Any] = {
-                    "ratio": ratio, "folded_into": g.why_explicit and f"not scaled: {g.why_explicit}" or g.fold,
-                    "error": err, "error_unscaled": base, "group": g.names}
+            folded = f"not scaled: {g.why_explicit}" if g.fold == "explicit rescale" else g.fold
+            for node, name, spec, w_float in zip(g.layers, g.names, lspecs, weights, strict=True):
+                entry: dict[str, Any] = {"ratio": ratio, "folded_into": folded, "error": err,
+                                         "error_unscaled": base, "group": g.names}
                 methods[name] = "awq"
+                current = attr_tensor(gm, node.args[1])  # scaled by s when the group was
+                w = current.detach().float()
                 if name not in no_clip:
-                    w = attr_tensor(gm, node.args[1])
-                    clipped, shrink = search_clip(x, w.detach().float(), spec, config.awq_grid)
-                    node.replace_input_with(node.args[1], constant_node(gm, f"{name}_awq_clipped", clipped.to(w.dtype), node))
-                    entry["mean_clip"] = shrink
+                    w, entry["mean_clip"] = search_clip(x, w, spec, config.awq_grid)
+                    node.replace_input_with(node.args[1], constant_node(gm, f"{name}_awq_clipped",
+                                                                        w.to(current.dtype), node))
                     stats["layers_clipped"] += 1
-                    w_now = attr_tensor(gm, node.args[1])
-                else:
-                    w_now = attr_tensor(gm, node.args[1])
-                # what round-to-nearest will make of it, against the weight before clipping (scaled, exact)
-                ref = weights[g.layers.index(node)] * (s if s is not None else 1.0)
-                entry["weight_sqnr_db"] = sqnr(ref, dequantize_weight(*quantize_weight(w_now.float(), spec), spec))
+                # what round-to-nearest will make of it, against the weight before clipping (scaled: exact)
+                ref = w_float * s if s is not None else w_float
+                entry["weight_sqnr_db"] = sqnr(ref, dequantize_weight(*quantize_weight(w, spec), spec))
                 ctx.notes.setdefault("weight_sqnr", {})[name] = entry["weight_sqnr_db"]
                 report[name] = entry
         delete_unused_attrs(gm)
