@@ -60,6 +60,12 @@ def windows(token_ids: torch.Tensor, seq_len: int, stride: int | None = None) ->
             break
 
 
+def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """-log p(ids[:, t+1] | ids[:, :t+1]) from the logits [b, s, vocab] of ``ids`` [b, s]: [b, s - 1]."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return -logp.gather(-1, ids[:, 1:, None].long()).squeeze(-1)
+
+
 @torch.no_grad()
 def negative_log_likelihood(model: Callable[..., Any], token_ids: torch.Tensor, *, seq_len: int = 512,
                             stride: int | None = None, batch_size: int = 1,
@@ -83,9 +89,7 @@ def negative_log_likelihood(model: Callable[..., Any], token_ids: torch.Tensor, 
         length = chunks[i][0].numel()
         group = [c for c in chunks[i:i + batch_size] if c[0].numel() == length]
         batch = torch.stack([w for w, _ in group])
-        logits = logits_of(model(batch)).float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        nll = -logp.gather(-1, batch[:, 1:, None]).squeeze(-1)  # [b, length - 1]
+        nll = token_nll(logits_of(model(batch)), batch)  # [b, length - 1]
         for row, (_, scored) in zip(nll, group, strict=True):
             total += float(row[-scored:].double().sum())
             count += scored
@@ -160,5 +164,5 @@ def load_smollm2() -> tuple[torch.nn.Module, Any]:
     return model.eval(), tokenizer
 
 
-__all__ = ["perplexity", "negative_log_likelihood", "logits_of", "windows", "pydoc_text", "token_windows",
+__all__ = ["perplexity", "negative_log_likelihood", "token_nll", "logits_of", "windows", "pydoc_text", "token_windows",
            "smollm2_path", "load_smollm2"]

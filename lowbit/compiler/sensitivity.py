@@ -56,6 +56,7 @@ from lowbit.compiler import meta
 from lowbit.compiler.graph import QUANTIZABLE, attr_tensor, observer_of
 from lowbit.config import QuantConfig
 from lowbit.errors import PlanError
+from lowbit.evaluate import token_nll
 from lowbit.runtime.qparams import (
     PER_TOKEN_EPS,
     dequantize_weight,
@@ -458,10 +459,7 @@ class PerplexityFidelity:
         self.target = 1.0 / (1.0 + float(increase))
 
     def nll(self, flat: Sequence[torch.Tensor], outs: Sequence[Any]) -> tuple[float, int]:
-        logits = _float_outputs(outs)[0].float()
-        ids = flat[self.ids_at]
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        nll = -logp.gather(-1, ids[:, 1:, None].long()).squeeze(-1)
+        nll = token_nll(_float_outputs(outs)[0], flat[self.ids_at])  # the same measure as lowbit.evaluate
         return float(nll.double().sum()), int(nll.numel())
 
     def perplexity(self, outputs: Sequence[Sequence[Any]]) -> float:

@@ -47,8 +47,9 @@ aten = torch.ops.aten
 TORCH_DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "int4": torch.int8, "uint4": torch.uint8}
 
 
-def _call(graph: fx.Graph, target: Any, args: tuple[Any, ...], role: str) -> fx.Node:
-    node = graph.call_function(target, args)
+def _call(graph: fx.Graph, target: Any, args: tuple[Any, ...], role: str,
+          kwargs: dict[str, Any] | None = None) -> fx.Node:
+    node = graph.call_function(target, args, kwargs)
     node.meta[meta.QROLE] = role
     return node
 
@@ -195,8 +196,8 @@ class LowerQDQ(Pass):
             absx = _call(graph, aten.abs.default, (x,), "llm_int8_abs")
             colmax = _call(graph, aten.amax.default, (absx, list(range(ndim - 1))), "llm_int8_colmax")
             mask = _call(graph, aten.gt.Scalar, (colmax, threshold), "llm_int8_mask")
-            maskf = _call(graph, aten._to_copy.default, (mask,), "llm_int8_mask")
-            maskf.kwargs = {"dtype": val.dtype if isinstance(val, torch.Tensor) else torch.float32}
+            maskf = _call(graph, aten._to_copy.default, (mask,), "llm_int8_mask",
+                          {"dtype": val.dtype if isinstance(val, torch.Tensor) else torch.float32})
             outliers = _call(graph, aten.mul.Tensor, (x, maskf), "llm_int8_outliers")
             inliers = _call(graph, aten.sub.Tensor, (x, outliers), "llm_int8_inliers")
         for n in (outliers, inliers):
