@@ -63,6 +63,16 @@ def _load_verified(directory: str | os.PathLike[str], manifest: dict[str, Any], 
                    options: dict[str, Any]) -> CompiledModel:
     """Dispatch a verified artifact (every file matches the manifest) to the loader of its kind; each loader
     checks its kind against the target and its model file before an engine opens it."""
+    compiled = _load_model(directory, manifest, model, options)
+    if "causal_lm" in manifest:  # the step graph of a causal LM: generate() around it
+        from lowbit.runtime.generate import CausalLM
+
+        return CausalLM.from_artifact(compiled, manifest, Path(directory))
+    return compiled
+
+
+def _load_model(directory: str | os.PathLike[str], manifest: dict[str, Any], model: torch.nn.Module | None,
+                options: dict[str, Any]) -> CompiledModel:
     d = Path(directory)
     stray = sorted(p.name for p in d.glob("*.onnx") if p.name not in manifest["files"])
     if stray:

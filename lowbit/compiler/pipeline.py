@@ -29,6 +29,7 @@ from lowbit.passes import (
 from lowbit.passes.awq import AWQ
 from lowbit.passes.gptq import GPTQ
 from lowbit.passes.smooth_quant import SmoothQuant, reiterable
+from lowbit.runtime.generate import CausalLM
 from lowbit.runtime.model import CompiledModel
 from lowbit.runtime.report import Report
 from lowbit.runtime.signature import Signature
@@ -69,6 +70,8 @@ def compile_model(
     progress: bool = True,
 ) -> CompiledModel:
     options = dict(options or {})
+    tokenizer = options.pop("tokenizer", None)
+    decode = bool(options.pop("decode", True))
     backend = get_backend(target)
     backend.check_available()
     causal_lm = is_causal_lm(model)
@@ -116,7 +119,31 @@ def compile_model(
     sensitivity = ctx.notes.get("sensitivity")
     if sensitivity is not None and dump:
         sensitivity.write(dump)  # sensitivity.json and the bar chart sensitivity.png
+    if causal_lm and decode:
+        return _compile_decoder(model, target, ctx, signature, options, tokenizer, dump)
     return backend.build(gm, ctx, captured, options)
+
+
+def _compile_decoder(model: torch.nn.Module, target: str, ctx: PassContext, signature: Signature,
+                     options: Mapping[str, Any], tokenizer: Any, dump: str | os.PathLike[str] | None) -> CausalLM:
+    """The engine of a causal LM is its KV-cache step graph (``lowbit.compiler.decode``), compiled with the
+    plan and qparams the whole-sequence compile chose (GPTQ codes, AWQ and SmoothQuant factors, activation
+    ranges): the same codes in both graphs, and nothing calibrated twice."""
+    from lowbit.compiler.decode import step_module
+
+    module, example, dynamic, bounds, layout = step_module(model)
+    replay = dataclasses.replace(ctx.config, target_sqnr_db=None, target_ppl_increase=None, sensitivity=False)
+    step = compile_model(module, example, target=target, config=replay, plan=ctx.plan, dynamic_shapes=dynamic,
+                         dim_bounds=bounds, qparams=ctx.notes.get("qparams", {}), options=options, progress=False,
+                         dump_dir=os.path.join(dump, "decode") if dump else None)
+    # the whole-sequence compile's report (plan search, sensitivity, GPTQ/AWQ) with the engine's sections
+    report: Report = ctx.notes["report"]
+    for name, section in step.report.sections.items():
+        report.sections.setdefault(name, section)
+    report.sections["decode"] = {"graph": "KV-cache step (prefill and decode)", "layout": layout.to_json(),
+                                 "passes": [p["pass"] for p in step.report.passes]}
+    step.report = report
+    return CausalLM(step, layout.to_json(), signature, tokenizer=tokenizer)
 
 
 def is_causal_lm(model: torch.nn.Module) -> bool:

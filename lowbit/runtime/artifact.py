@@ -15,6 +15,8 @@ No pickle: artifacts hold JSON, safetensors and ONNX only. An artifact is untrus
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import errno
 import hashlib
@@ -23,7 +25,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
@@ -69,15 +71,35 @@ def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(path))
 
 
+#: manifest entries and files a wrapper adds to the artifact its inner model writes (a causal LM's cache
+#: layout and tokenizer around the step graph's artifact, whatever the target)
+_EXTRA: contextvars.ContextVar[tuple[dict[str, Any], Callable[[Path], None]] | None] = contextvars.ContextVar(
+    "lowbit_artifact_extra", default=None)
+
+
+@contextlib.contextmanager
+def extra_content(manifest: dict[str, Any], writer: Callable[[Path], None]) -> Iterator[None]:
+    """Within the block, every ``write_artifact`` also writes ``writer(tmpdir)`` and the ``manifest`` entries."""
+    token = _EXTRA.set((manifest, writer))
+    try:
+        yield
+    finally:
+        _EXTRA.reset(token)
+
+
 def write_artifact(directory: str | os.PathLike[str], writer: Callable[[Path], None], manifest: dict[str, Any]) -> Path:
     """Call ``writer(tmpdir)`` to fill a temp dir, hash its files into the manifest (written last), then
     rename it into place, or swap it with what is there in one atomic exchange (Linux)."""
+    extra = _EXTRA.get()
     target = Path(directory).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         writer(tmp)
+        if extra is not None:
+            extra[1](tmp)
+            manifest = {**manifest, **extra[0]}
         files = {}
         for p in sorted(tmp.rglob("*")):
             if p.is_file() and p.name != MANIFEST:

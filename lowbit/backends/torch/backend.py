@@ -172,6 +172,10 @@ class TorchBackend:
         names = signature.keywords or [s.name for s in signature.inputs]
         dynamic = {n: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)}
                    for n, s in zip(names, signature.inputs, strict=True)}
+        if "causal_lm" in manifest:  # the recipe of a causal LM's step graph: re-apply it to the model's step
+            from lowbit.compiler.decode import step_module
+
+            model = step_module(model)[0]
         compiled = compile_model(
             model, example, target=self.name, config=QuantConfig.from_json(manifest["config"]), plan=plan,
             dynamic_shapes=dynamic, qparams=qparams, dim_bounds=signature.dim_bounds,
