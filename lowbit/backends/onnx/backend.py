@@ -29,7 +29,7 @@ class OnnxBackend:
     module = "onnxruntime"
     extra: str | None = None
     #: static W8A8 runs as integer kernels; weight-only W8A16 as DQ-only weights; float carries no Q/DQ
-    schemes = frozenset({"w8a8", "w8a16", "float"})
+    schemes = frozenset({"w8a8", "w8a16", "w4a16", "float"})
     #: relative cost per MAC (planner). Estimates for x86 VNNI CPUs, to be replaced by measured ones: int8
     #: MatMul ~2x fp32; W8A16 is DQ(weight) -> fp32 MatMul, a little slower than float
     scheme_costs = {"w8a8": 1.0, "float": 2.0, "w8a16": 2.2}
@@ -100,8 +100,9 @@ class OnnxRuntimeBackend(OnnxBackend):
 
     def engine_rules(self, model: onnx.ModelProto) -> dict[str, int]:
         from lowbit.backends.onnx.ort_rules import fuse_matmul_integer_to_float
+        from lowbit.backends.onnx.weight_only import to_matmul_nbits
 
-        return fuse_matmul_integer_to_float(model)
+        return {**to_matmul_nbits(model), **fuse_matmul_integer_to_float(model)}
 
 
 class OpenVinoBackend(OnnxBackend):

@@ -64,6 +64,9 @@ def export_onnx(gm: fx.GraphModule, signature: Signature, weight_layers: dict[st
     ``engine_rules`` rewrites the named model in place for one engine (its stats join the shared rules');
     the model is checked once, after it."""
     names = [s.name for s in signature.inputs]
+    from lowbit.backends.onnx.weight_only import TRANSLATIONS
+
+    custom_translations = {**TRANSLATIONS, **(custom_translations or {})}
     try:
         with warnings.catch_warnings(), _quiet():
             warnings.simplefilter("ignore")
@@ -98,6 +101,8 @@ def name_layer_nodes(model: onnx.ModelProto, weight_layers: dict[str, str]) -> d
             continue
         base = n.input[0][:-2] if n.input[0].endswith("_t") and n.input[0] not in weight_layers else n.input[0]
         layer = weight_layers.get(base)
+        if layer is None and len(n.input) > 1 and n.input[1].endswith("_weight_scale"):
+            layer = weight_layers.get(n.input[1][: -len("_scale")] + "_q")  # a 4-bit weight folded from a Cast
         if layer is None:
             continue
         weights[layer] = n.input[0]

@@ -92,7 +92,9 @@ def set_node_attr(node: onnx.NodeProto, name: str, value: object) -> None:
 
 
 def _weight_dq(g: Graph, node: onnx.NodeProto | None) -> bool:
-    return node is not None and node.op_type == "DequantizeLinear" and node.input[0] in g.init
+    """A per-tensor or per-channel weight DQ (a blocked one, a grouped weight, keeps its own layout)."""
+    return (node is not None and node.op_type == "DequantizeLinear" and node.input[0] in g.init
+            and node_attr(node, "block_size") is None)
 
 
 def _transposed_weight_dq(g: Graph, dq: onnx.NodeProto, w: np.ndarray, output: str) -> onnx.NodeProto:
@@ -261,8 +263,11 @@ def toposort(g: Graph) -> None:
 
 
 def apply_rules(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int], list[str]]:
+    from lowbit.backends.onnx.weight_only import fold_casts_into_blocked_weights
+
     g = Graph(model)
     stats = {
+        "blocked_weights": fold_casts_into_blocked_weights(g),
         "gemm_to_matmul": gemm_to_matmul(g),
         "fold_weight_transpose": fold_weight_transpose(g),
         "dedicate_dq": dedicate_dq(g),

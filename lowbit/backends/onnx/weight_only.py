@@ -1,0 +1,144 @@
+"""Weight-only linears (``w4a16``, ``w8a16`` per group) in the ONNX engines' own kernels.
+
+Exported, a grouped weight is a blocked ``DequantizeLinear`` (opset 21: ``axis=1, block_size=group``) of a
+4-bit (INT4/UINT4) or 8-bit initializer [N, K], transposed into a MatMul. Each engine then gets it in the
+form its int4 kernels read:
+
+- ONNX Runtime: ``com.microsoft.MatMulNBits`` (``bits`` 4 or 8, ``block_size`` = the group, the codes
+  offset to unsigned with zero point 2^(bits-1) when symmetric, packed zero points when asymmetric;
+  ``accuracy_level=4``: int8 activations on VNNI). Per-channel 8-bit weights become blocks of one
+  power-of-two size with the channel's scale repeated (the same numbers). Two known traps are avoided by
+  construction: the weight is never a blocked DQ on axis 0 of a [K, N] initializer (mis-fused), and no
+  block is 512 wide (returns zeros).
+- OpenVINO: the blocked DQ of the INT4/UINT4 initializer as it is; the ONNX frontend turns it into a
+  compressed constant (u4/i4 + group scales) that the CPU FullyConnected decompresses in its kernel
+  (checked on the runtime model: ``weight_compression`` in the report).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from lowbit.backends.onnx.qdq_rules import Graph, node_attr, toposort
+
+qd = torch.ops.quantized_decomposed
+MSFT = "com.microsoft"
+
+
+def onnx_dequantize_group(q, scale, zero_point, quant_min: int, quant_max: int, dtype, group_size: int,  # noqa: ANN001, ANN201
+                          output_dtype=None):  # noqa: ANN001
+    """``quantized_decomposed.dequantize_per_channel_group`` as a blocked DequantizeLinear (opset 21) along
+    the input features; 4-bit ranges are cast to INT4/UINT4 (folded into the initializer afterwards)."""
+    from onnxscript import opset21 as op
+
+    four = quant_max - quant_min <= 15
+    if four:
+        to = TensorProto.INT4 if quant_min < 0 else TensorProto.UINT4
+    else:
+        to = TensorProto.INT8 if quant_min < 0 else TensorProto.UINT8
+    return op.DequantizeLinear(op.Cast(q, to=to), scale, op.Cast(zero_point, to=to), axis=1, block_size=group_size)
+
+
+TRANSLATIONS = {qd.dequantize_per_channel_group.default: onnx_dequantize_group}
+
+
+def _np(t: onnx.TensorProto) -> np.ndarray:
+    return numpy_helper.to_array(t)
+
+
+def fold_casts_into_blocked_weights(g: Graph) -> int:
+    """Cast(initializer) -> DequantizeLinear(block_size): the initializer stored in the cast's type (INT4 /
+    UINT4 packed two per byte by ONNX itself), so the engine sees a constant 4-bit weight."""
+    prod = g.producers()
+    fired = 0
+    for dq in list(g.g.node):
+        if dq.op_type != "DequantizeLinear" or node_attr(dq, "block_size") is None:
+            continue
+        for slot in (0, 2):
+            if len(dq.input) <= slot:
+                continue
+            cast = prod.get(dq.input[slot])
+            if cast is None or cast.op_type != "Cast" or cast.input[0] not in g.init:
+                continue
+            to = int(node_attr(cast, "to"))
+            values = _np(g.init[cast.input[0]]).astype(np.int32)
+            name = g.unique(cast.input[0] + ("_int4" if to in (TensorProto.INT4, TensorProto.UINT4) else "_cast"))
+            t = helper.make_tensor(name, to, values.shape, values.flatten().tolist())
+            g.g.initializer.append(t)
+            g.init[name] = t
+            dq.input[slot] = name
+            fired += 1
+    return fired
+
+
+def blocked_weight_dqs(g: Graph) -> dict[str, tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto]]:
+    """MatMul output -> (DQ, Transpose, MatMul) for every blocked weight DQ feeding a MatMul's B through a
+    [1, 0] Transpose (the exported form of ``linear(x, dq(W))``)."""
+    prod, cons = g.producers(), g.consumers()
+    out = {}
+    for dq in g.g.node:
+        if dq.op_type != "DequantizeLinear" or node_attr(dq, "block_size") is None or dq.input[0] not in g.init:
+            continue
+        users = cons.get(dq.output[0], [])
+        if len(users) != 1 or users[0].op_type != "Transpose":
+            continue
+        tr = users[0]
+        mms = cons.get(tr.output[0], [])
+        if len(mms) == 1 and mms[0].op_type == "MatMul" and mms[0].input[1] == tr.output[0]:
+            out[mms[0].output[0]] = (dq, tr, mms[0])
+    del prod
+    return out
+
+
+def _codes(g: Graph, name: str) -> tuple[np.ndarray, int]:
+    t = g.init[name]
+    bits = 4 if t.data_type in (TensorProto.INT4, TensorProto.UINT4) else 8
+    return _np(t).astype(np.int32), bits
+
+
+def _pack(u: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned codes [..., n] -> bytes (4-bit: low nibble first)."""
+    u = u.astype(np.uint8)
+    if bits == 8:
+        return u
+    if u.shape[-1] % 2:
+        u = np.concatenate([u, np.zeros((*u.shape[:-1], 1), np.uint8)], axis=-1)
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+
+
+def to_matmul_nbits(model: onnx.ModelProto, accuracy_level: int = 4) -> dict[str, int]:
+    """Every blocked weight DQ -> Transpose -> MatMul as one ``com.microsoft.MatMulNBits``."""
+    g = Graph(model)
+    fired = 0
+    for dq, tr, mm in blocked_weight_dqs(g).values():
+        q, bits = _codes(g, dq.input[0])  # [N, K]
+        n, k = q.shape
+        block = int(node_attr(dq, "block_size"))
+        scale = _np(g.init[dq.input[1]]).astype(np.float32)  # [N, K / block]
+        signed = g.init[dq.input[0]].data_type in (TensorProto.INT4, TensorProto.INT8)
+        zp = _np(g.init[dq.input[2]]).astype(np.int32) if len(dq.input) > 2 and dq.input[2] in g.init else None
+        offset = 1 << (bits - 1)
+        blocks = -(-k // block)
+        u = q + offset if signed else q  # unsigned codes: MatMulNBits' default zero point is 2^(bits-1)
+        u = np.pad(u, ((0, 0), (0, blocks * block - k))).reshape(n, blocks, block)
+        packed = _pack(u, bits).reshape(n, blocks, block * bits // 8)
+        inputs = [mm.input[0], g.add_initializer(packed, dq.input[0] + "_nbits"),
+                  g.add_initializer(scale.reshape(-1), dq.input[1] + "_nbits")]
+        zu = (zp + offset if signed else zp) if zp is not None else None
+        if zu is not None and not np.all(zu == offset):  # symmetric: the default zero point
+            inputs.append(g.add_initializer(_pack(zu.reshape(n, blocks), bits).reshape(-1), dq.input[2] + "_nbits"))
+        node = helper.make_node("MatMulNBits", inputs, [mm.output[0]], name=mm.name.replace("/MatMul", "") + "/MatMulNBits",
+                                domain=MSFT, K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level)
+        idx = list(g.g.node).index(mm)
+        for old in (mm, tr, dq):
+            g.g.node.remove(old)
+        g.g.node.insert(min(idx, len(g.g.node)), node)
+        fired += 1
+    if fired and not any(o.domain == MSFT for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MSFT, 1))
+    g.remove_unused_initializers()
+    toposort(g)
+    return {"matmul_nbits": fired}
