@@ -22,11 +22,12 @@ from lowbit.errors import (  # noqa: E402
     PlanError,
     QuantConfigError,
 )
+from lowbit.runtime.generate import CausalLM  # noqa: E402
 from lowbit.runtime.model import CompiledModel  # noqa: E402
 from lowbit.runtime.spec import LayerSpec, Plan, QuantSpec  # noqa: E402
 
 __all__ = [
-    "compile", "load", "QuantConfig", "CompiledModel", "Plan", "LayerSpec", "QuantSpec",
+    "compile", "load", "QuantConfig", "CompiledModel", "CausalLM", "Plan", "LayerSpec", "QuantSpec",
     "LowbitError", "CaptureError", "CalibrationError", "QuantConfigError", "PlanError", "ArtifactError",
     "BackendNotAvailable", "BackendUnavailable", "EngineMismatchError", "PassError", "InputError",
 ]

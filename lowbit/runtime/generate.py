@@ -34,7 +34,7 @@ class CausalLM(CompiledModel):
 
     def __init__(self, step: CompiledModel, layout: dict[str, Any], signature: Signature,
                  tokenizer: Any = None, tokenizer_dir: Path | None = None) -> None:
-        super().__init__(step.target, self._logits, signature, step._plan, step.report, None,
+        super().__init__(step.target, step._runner, signature, step._plan, step.report, None,
                          step.graph_module, step.options)
         self.step = step
         self.layout = dict(layout)
@@ -59,14 +59,31 @@ class CausalLM(CompiledModel):
         z = torch.zeros(batch, lay["kv_heads"], 1, lay["head_dim"], dtype=getattr(torch, lay["dtype"]))
         return torch.zeros(batch, 1, dtype=torch.long), [z] * len(self._cache_names)
 
-    def _logits(self, flat: list[torch.Tensor]) -> list[torch.Tensor]:
-        named = dict(zip([s.name for s in self.signature.inputs], flat, strict=True))
-        ids = named.get("input_ids")
-        if ids is None:
-            raise InputError(f"a compiled causal LM takes input_ids; this one was compiled with {list(named)}")
+    def __call__(self, input_ids: Any = None, attention_mask: Any = None, **kwargs: Any) -> Any:
+        """The logits of every position, in the original model's output structure (cache off). Takes
+        ``input_ids`` and an optional ``attention_mask`` (0 on left padding) whatever the example held."""
+        unknown = sorted(k for k, v in kwargs.items() if v is not None and k != "use_cache")
+        if unknown:
+            raise InputError(f"a compiled causal LM takes input_ids and attention_mask; got {unknown}")
+        if input_ids is None:
+            raise InputError("input_ids is required")
+        ids = _as_long(input_ids, "input_ids")
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise InputError(f"input_ids: expected [batch, sequence >= 1], got shape {list(ids.shape)}")
+        mask = None
+        if attention_mask is not None:
+            mask = _as_long(attention_mask, "attention_mask")
+            if mask.shape != ids.shape:
+                raise InputError(f"attention_mask: shape {list(mask.shape)} differs from input_ids {list(ids.shape)}")
+        top = self.layout.get("max_positions")
+        if top is not None and ids.shape[1] > top:
+            raise InputError(f"input_ids: sequence length {ids.shape[1]} exceeds the model's {top} positions")
+        with torch.no_grad():
+            return self.signature.unflatten(self._logits(ids, mask))
+
+    def _logits(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         self._check_ids(ids, "input_ids")
-        mask = named.get("attention_mask")
-        mask = torch.ones_like(ids) if mask is None else mask.to(torch.long)
+        mask = torch.ones_like(ids) if mask is None else mask
         past_mask, past = self._empty_cache(ids.shape[0])
         outs = self._run(ids, mask, past_mask, torch.arange(ids.shape[1]), past)
         return [outs[0]]

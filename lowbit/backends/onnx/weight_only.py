@@ -125,7 +125,12 @@ def to_matmul_nbits(model: onnx.ModelProto, accuracy_level: int = 4) -> dict[str
         u = q + offset if signed else q  # unsigned codes: MatMulNBits' default zero point is 2^(bits-1)
         u = np.pad(u, ((0, 0), (0, blocks * block - k))).reshape(n, blocks, block)
         packed = _pack(u, bits).reshape(n, blocks, block * bits // 8)
-        inputs = [mm.input[0], g.add_initializer(packed, dq.input[0] + "_nbits"),
+        # the packed codes keep the weight's initializer name: engine reports map kernels to layers by it
+        weight = g.init.pop(dq.input[0])
+        g.g.initializer.remove(weight)
+        for info in [v for v in g.g.value_info if v.name == dq.input[0]]:  # its old INT4 type
+            g.g.value_info.remove(info)
+        inputs = [mm.input[0], g.add_initializer(packed, dq.input[0]),
                   g.add_initializer(scale.reshape(-1), dq.input[1] + "_nbits")]
         zu = (zp + offset if signed else zp) if zp is not None else None
         if zu is not None and not np.all(zu == offset):  # symmetric: the default zero point
