@@ -6,7 +6,7 @@ form its int4 kernels read:
 
 - ONNX Runtime: ``com.microsoft.MatMulNBits`` (``bits`` 4 or 8, ``block_size`` = the group, the codes
   offset to unsigned with zero point 2^(bits-1) when symmetric, packed zero points when asymmetric;
-  ``accuracy_level=4``: int8 activations on VNNI). Per-channel 8-bit weights become blocks of one
+  ``accuracy_level=4`` for 4-bit weights: int8 activations on VNNI). Per-channel 8-bit weights become blocks of one
   power-of-two size with the channel's scale repeated (the same numbers). Two known traps are avoided by
   construction: the weight is never a blocked DQ on axis 0 of a [K, N] initializer (mis-fused), and no
   block is 512 wide (returns zeros).
@@ -109,9 +109,71 @@ def _pack(u: np.ndarray, bits: int) -> np.ndarray:
     return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
 
 
+def _block_for(k: int) -> int | None:
+    """The widest power-of-two block (16..256; 512 is a known ORT trap) dividing K."""
+    for block in (256, 128, 64, 32, 16):
+        if k % block == 0:
+            return block
+    return None
+
+
+def per_channel_to_blocked(g: Graph) -> int:
+    """A per-channel 8-bit weight DQ [K, N] (axis 1) feeding a MatMul's B -> the blocked [N, K] form with the
+    channel's scale repeated over its blocks (the same numbers), so MatMulNBits runs it too."""
+    prod, cons = g.producers(), g.consumers()
+    fired = 0
+    for mm in list(g.g.node):
+        if mm.op_type != "MatMul" or len(mm.input) < 2:
+            continue
+        act = prod.get(mm.input[0])
+        if act is not None and act.op_type == "DequantizeLinear":  # a W8A8 layer: ORT's integer MatMul fusion
+            continue
+        dq = prod.get(mm.input[1])
+        if (dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in g.init
+                or node_attr(dq, "block_size") is not None or len(cons.get(dq.output[0], [])) != 1):
+            continue
+        w = g.init[dq.input[0]]
+        if w.data_type not in (TensorProto.INT8, TensorProto.UINT8) or len(w.dims) != 2:
+            continue
+        scale = g.array(dq.input[1])
+        k, n = w.dims
+        block = _block_for(k)
+        if block is None or scale is None or scale.shape not in ((n,),) or int(node_attr(dq, "axis", 1)) % 2 != 1:
+            continue
+        zp = g.array(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+        q = _np(w).T  # [N, K]
+        blocks = k // block
+        scales = np.repeat(scale.astype(np.float32)[:, None], blocks, axis=1)
+        if len(cons.get(dq.input[0], [])) != 1:
+            continue
+        g.g.initializer.remove(g.init.pop(dq.input[0]))  # the [N, K] codes keep its name (engine reports)
+        tensors = [helper.make_tensor(dq.input[0], w.data_type, [n, k], q.astype(np.int32).flatten().tolist()),
+                   numpy_helper.from_array(scales, g.unique(dq.input[1] + "_nk"))]
+        if zp is not None:
+            zps = np.repeat(np.broadcast_to(zp, (n,))[:, None], blocks, axis=1)
+            tensors.append(helper.make_tensor(g.unique(dq.input[2] + "_nk"), w.data_type, [n, blocks],
+                                              zps.astype(np.int32).flatten().tolist()))
+        for t in tensors:
+            g.g.initializer.append(t)
+            g.init[t.name] = t
+        blocked = helper.make_node("DequantizeLinear", [t.name for t in tensors], [g.unique(dq.output[0] + "_nk")],
+                                   name=dq.name, axis=1, block_size=block)
+        tr = helper.make_node("Transpose", [blocked.output[0]], [mm.input[1]], name=g.unique(dq.name + "_t"), perm=[1, 0])
+        idx = list(g.g.node).index(dq)
+        g.g.node.remove(dq)
+        g.g.node.insert(idx, tr)
+        g.g.node.insert(idx, blocked)
+        fired += 1
+    return fired
+
+
 def to_matmul_nbits(model: onnx.ModelProto, accuracy_level: int = 4) -> dict[str, int]:
-    """Every blocked weight DQ -> Transpose -> MatMul as one ``com.microsoft.MatMulNBits``."""
+    """Every blocked weight DQ -> Transpose -> MatMul as one ``com.microsoft.MatMulNBits`` (per-channel 8-bit
+    weights first become blocked). ``accuracy_level`` applies to 4-bit weights (4: int8 activations per
+    block on VNNI); 8-bit weights keep float activations (a ``w8a16`` layer is often one the planner
+    promoted because its activations do not survive int8)."""
     g = Graph(model)
+    per_channel_to_blocked(g)
     fired = 0
     for dq, tr, mm in blocked_weight_dqs(g).values():
         q, bits = _codes(g, dq.input[0])  # [N, K]
@@ -136,7 +198,8 @@ def to_matmul_nbits(model: onnx.ModelProto, accuracy_level: int = 4) -> dict[str
         if zu is not None and not np.all(zu == offset):  # symmetric: the default zero point
             inputs.append(g.add_initializer(_pack(zu.reshape(n, blocks), bits).reshape(-1), dq.input[2] + "_nbits"))
         node = helper.make_node("MatMulNBits", inputs, [mm.output[0]], name=mm.name.replace("/MatMul", "") + "/MatMulNBits",
-                                domain=MSFT, K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level)
+                                domain=MSFT, K=k, N=n, bits=bits, block_size=block,
+                                accuracy_level=accuracy_level if bits == 4 else 0)
         idx = list(g.g.node).index(mm)
         for old in (mm, tr, dq):
             g.g.node.remove(old)
