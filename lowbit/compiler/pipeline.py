@@ -144,6 +144,7 @@ def _compile_decoder(model: torch.nn.Module, target: str, ctx: PassContext, sign
         report.sections.setdefault(name, section)
     report.sections["decode"] = {"graph": "KV-cache step (prefill and decode)", "layout": layout.to_json(),
                                  "passes": [p["pass"] for p in step.report.passes]}
+    report.layers = step.report.layers  # the same layers, with what the engine runs for each
     step.report = report
     return CausalLM(step, layout.to_json(), signature, tokenizer=tokenizer)
 

@@ -67,12 +67,15 @@ class OrtRunner:
 
     def kernels(self, layers_by_weight: Mapping[str, str]) -> dict[str, str]:
         """layer -> the op type ORT runs for it (from the optimized graph)."""
+        return {layer: node.op_type for layer, node in self._kernel_nodes(layers_by_weight).items()}
+
+    def _kernel_nodes(self, layers_by_weight: Mapping[str, str]) -> dict[str, Any]:
         import onnx
 
         model = onnx.load(str(self.optimized_path), load_external_data=False)
         inits = {t.name for t in model.graph.initializer}
         producers = {o: n for n in model.graph.node for o in n.output}
-        out: dict[str, str] = {}
+        out: dict[str, Any] = {}
         for node in model.graph.node:
             if node.op_type in ("DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"):
                 continue
@@ -82,13 +85,28 @@ class OrtRunner:
                                                      "DequantizeLinear" and src.input[0] in inits else None)
                 layer = layers_by_weight.get(weight) if weight else None
                 if layer is not None:
-                    out[layer] = node.op_type
+                    out[layer] = node
         return out
 
     def int8_layers(self, weights: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-        kernels = self.kernels({w: layer for layer, w in weights.items()})
-        return {layer: {"kernel": kernels.get(layer, "?"), "int8": kernels.get(layer) in ORT_INT8_OPS}
-                for layer in weights}
+        """Per layer: the op ORT runs, whether it computes in integers, and the weights it reads."""
+        import onnx
+
+        nodes = self._kernel_nodes({w: layer for layer, w in weights.items()})
+        out: dict[str, dict[str, Any]] = {}
+        for layer in weights:
+            node = nodes.get(layer)
+            kind = node.op_type if node is not None else "?"
+            entry: dict[str, Any] = {"kernel": kind, "int8": kind in ORT_INT8_OPS, "weights": "float"}
+            if kind == "MatMulNBits":  # weight-only; int8 activations only at accuracy_level 4
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+                entry["weights"] = f"int{attrs.get('bits', 4)} g{attrs.get('block_size')}"
+                entry["int8"] = attrs.get("accuracy_level", 0) == 4
+                entry["kernel"] = f"MatMulNBits(accuracy_level={attrs.get('accuracy_level', 0)})"
+            elif kind in ORT_INT8_OPS:
+                entry["weights"] = "int8"
+            out[layer] = entry
+        return out
 
 
 class OpenVinoRunner:
@@ -134,25 +152,37 @@ class OpenVinoRunner:
         request.infer()
         return [torch.from_numpy(request.get_output_tensor(i).data.copy()) for i in range(self.num_outputs)]
 
-    def _executed(self) -> Iterator[tuple[str, str, str]]:
-        """(original ONNX node names, layer type, runtime precision) of each node of the compiled model."""
+    def _executed(self, with_types: bool = False) -> Iterator[Any]:
+        """(original ONNX node names, layer type, runtime precision[, input element types]) of each node of
+        the compiled model."""
         for op in self.compiled.get_runtime_model().get_ordered_ops():
             info = op.get_rt_info()
             names = info["originalLayersNames"].astype(str) if "originalLayersNames" in info else ""
             kind = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
             prec = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "?"
-            yield names, kind, prec
+            if with_types:
+                yield names, kind, prec, [i.get_element_type().get_type_name() for i in op.inputs()]
+            else:
+                yield names, kind, prec
 
     def int8_layers(self, weights: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+        """Per layer: the executed node's type and precision, whether it computes in integers (its
+        activations arrive as u8/i8), and the element type of the weights it reads (``int4`` when OpenVINO
+        kept a 4-bit weight compressed and decompresses it in the FullyConnected kernel)."""
         found: dict[str, dict[str, Any]] = {}
-        for names, kind, prec in self._executed():
+        for names, kind, prec, types in self._executed(with_types=True):
             if kind in ("Const", "Reorder", "Input", "Parameter", "Output", "Result"):
                 continue
             for original in names.split(","):
                 layer = _layer_of(original.strip())
                 if layer in weights and (layer not in found or not found[layer]["int8"]):
-                    found[layer] = {"kernel": f"{kind}:{prec}", "int8": prec in OV_INT8_PRECISIONS}
-        return {layer: found.get(layer, {"kernel": "?", "int8": False}) for layer in weights}
+                    act = types[0] if types else "?"
+                    weight = types[1] if len(types) > 1 else "?"
+                    found[layer] = {"kernel": f"{kind}:{prec}",
+                                    "int8": prec in OV_INT8_PRECISIONS and act in ("u8", "i8"),
+                                    "weights": {"i4": "int4", "u4": "uint4", "i8": "int8", "u8": "uint8"}.get(
+                                        weight, "float" if weight in ("f32", "bf16", "f16") else weight)}
+        return {layer: found.get(layer, {"kernel": "?", "int8": False, "weights": "?"}) for layer in weights}
 
     def attention_kernels(self) -> list[str]:
         """``layerType:runtimePrecision`` of each executed node that runs a softmax (the fused MHA kernels:

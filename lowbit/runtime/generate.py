@@ -50,8 +50,10 @@ class CausalLM(CompiledModel):
     # -- the engine --------------------------------------------------------------------------------
     def _run(self, x: torch.Tensor, mask: torch.Tensor, past_mask: torch.Tensor, index: torch.Tensor,
              past: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        outs = self.step._runner([x, mask, past_mask, index, *past])
-        return list(outs)
+        # no autograd: a torch graph's outputs would otherwise chain every step's graph (and its dequantized
+        # weights) through the cache
+        with torch.no_grad():
+            return list(self.step._runner([x, mask, past_mask, index, *past]))
 
     def _empty_cache(self, batch: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One masked slot of zeros: a prefill's past (the step graph's cache is never empty)."""

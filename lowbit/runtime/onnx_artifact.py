@@ -49,6 +49,8 @@ def report_engine(report: Report, runner: Any, weights: Mapping[str, str], macs:
         k = layers.get(row["layer"])
         if k is not None:
             row["kernel"], row["int8"] = k["kernel"], k["int8"]
+            if "weights" in k:
+                row["weights"] = k["weights"]
     return section
 
 

@@ -10,7 +10,7 @@ from typing import Any
 COLUMNS = [
     ("layer", "layer"), ("op", "op"), ("scheme", "scheme"), ("smoothquant", "smooth"), ("weight_granularity", "weights"),
     ("weight_method", "method"), ("weight_sqnr_db", "w SQNR dB"), ("input_scale", "in scale"), ("input_zero_point", "in zp"),
-    ("kernel", "engine kernel"), ("int8", "int8"),
+    ("kernel", "engine kernel"), ("weights", "weights run"), ("int8", "int8"),
 ]
 
 
@@ -81,6 +81,15 @@ class Report:
         if engine:
             parts.append(f"\n{engine['engine']}: {engine['int8_share']:.1%} of the quantized layers' "
                          "multiply-accumulates run in integer kernels")
+            weight_only = {name: v for name, v in engine.get("layers", {}).items()
+                           if str(v.get("weights", "float")).startswith(("int4", "uint4")) or
+                           (v.get("weights") not in (None, "float", "?") and not v.get("int8"))}
+            if weight_only:
+                kinds: dict[str, int] = {}
+                for v in weight_only.values():
+                    kinds[f"{v['weights']} in {v['kernel']}"] = kinds.get(f"{v['weights']} in {v['kernel']}", 0) + 1
+                parts.append(f"{engine['engine']}: weights kept compressed in the kernel for {len(weight_only)} layers: "
+                             + ", ".join(f"{n} x {k}" for k, n in sorted(kinds.items())))
             attention = engine.get("attention_kernels")
             if attention:
                 int8 = sum(k.endswith((":i8", ":u8")) for k in attention)

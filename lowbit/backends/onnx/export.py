@@ -109,6 +109,9 @@ def name_layer_nodes(model: onnx.ModelProto, weight_layers: dict[str, str]) -> d
         n.name = f"{layer}/weight_dq"
         for user in consumers.get(n.output[0], []):
             user.name = f"{layer}/{user.op_type}"
+            if user.op_type == "Transpose":  # a grouped weight: DQ -> Transpose -> MatMul
+                for mm in consumers.get(user.output[0], []):
+                    mm.name = f"{layer}/{mm.op_type}"
     return weights
 
 
