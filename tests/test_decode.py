@@ -150,7 +150,21 @@ def test_onnxruntime_runs_int4_as_matmul_nbits(llama):
     # 7 linears x 2 layers at 4 bits, and lm_head (w8a16, per channel) as 8-bit blocks
     assert eng.report.sections["onnx_export"]["matmul_nbits"] == 15
     kernels = eng.step._runner.int8_layers(eng.state["weights"])
-    assert len(kernels) == 15 and all(k["kernel"] == "MatMulNBits" for k in kernels.values()), kernels
+    assert len(kernels) == 15 and all(k["kernel"].startswith("MatMulNBits(") for k in kernels.values()), kernels
+    four = {k: v for k, v in kernels.items() if k != "lm_head"}
+    # 4-bit: int8 activations on VNNI (accuracy level 4); the 8-bit output projection keeps float activations
+    assert all(v["weights"] == "int4 g32" and v["int8"] for v in four.values()), four
+    assert kernels["lm_head"]["weights"].startswith("int8 g") and not kernels["lm_head"]["int8"]
+    assert "int4 g32 in MatMulNBits(accuracy_level=4)" in str(eng.report)
+
+
+def test_openvino_keeps_int4_weights_compressed(llama):
+    _needs("openvino-int8")
+    eng = _compiled(llama, "openvino-int8", "w4a16")
+    layers = eng.report.sections["engine"]["layers"]
+    four = [n for n, spec in eng.plan["layers"].items() if spec["scheme"] == "w4a16"]
+    assert len(four) == 14
+    assert all(layers[n]["weights"] == "int4" and layers[n]["kernel"].startswith("FullyConnected") for n in four), layers
 
 
 def test_streamer_gets_prompt_then_tokens(llama):
