@@ -134,7 +134,7 @@ def _compile_decoder(model: torch.nn.Module, target: str, ctx: PassContext, sign
     module, example, dynamic, bounds, layout = step_module(model)
     replay = dataclasses.replace(ctx.config, target_sqnr_db=None, target_ppl_increase=None, sensitivity=False)
     # every decode step has another cache length: an engine model for the example's shapes would serve none
-    options = {**options, "specialize_example_shape": False}
+    options = {**options, "specialize_example_shape": False, "decode_graph": True}
     step = compile_model(module, example, target=target, config=replay, plan=ctx.plan, dynamic_shapes=dynamic,
                          dim_bounds=bounds, qparams=ctx.notes.get("qparams", {}), options=options, progress=False,
                          dump_dir=os.path.join(dump, "decode") if dump else None)

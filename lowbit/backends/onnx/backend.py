@@ -62,7 +62,8 @@ class OnnxBackend:
         translations = MATMUL_TRANSLATIONS if self.attention_as_matmuls else CUSTOM_TRANSLATIONS
         opset = ATTENTION_OPSET if uses_attention and not self.attention_as_matmuls else OPSET
         model, info = export_onnx(gm, signature, weight_layers, translations, opset,
-                                  engine_rules=self.engine_rules if options.get("engine_rules", True) else None)
+                                  engine_rules=(lambda m: self.engine_rules(m, options))
+                                  if options.get("engine_rules", True) else None)
         flat = [t for t in torch.utils._pytree.tree_leaves((captured.args, captured.kwargs)) if isinstance(t, torch.Tensor)]
         macs = {k: v for k, v in layer_macs(gm, flat).items() if k in info["weights"]}
         tmp = tempfile.TemporaryDirectory(prefix="lowbit-onnx-")
@@ -79,7 +80,7 @@ class OnnxBackend:
         compiled.graph_module = gm
         return compiled
 
-    def engine_rules(self, model: onnx.ModelProto) -> dict[str, int]:
+    def engine_rules(self, model: onnx.ModelProto, options: dict[str, Any] | None = None) -> dict[str, int]:
         """Rewrites for this engine only, after the shared QDQ export (none for the standard-op engines)."""
         return {}
 
@@ -98,11 +99,17 @@ class OnnxRuntimeBackend(OnnxBackend):
     #: ORT fuses DQ -> Conv (-> Relu) -> Q into QLinearConv only with the output quantized
     quantize_conv_outputs = True
 
-    def engine_rules(self, model: onnx.ModelProto) -> dict[str, int]:
+    def engine_rules(self, model: onnx.ModelProto, options: dict[str, Any] | None = None) -> dict[str, int]:
+        """Integer MatMuls with the bias inside; weight-only linears as MatMulNBits. A causal LM's step graph
+        (``decode_graph``) runs its 8-bit weight-only linears as MatMulNBits with int8 activations too: at
+        M = 1 a linear reads its weights once, and the float path re-reads them dequantized (3.5x slower
+        on SmolLM2's decode step); elsewhere an 8-bit weight-only layer keeps float activations (often a
+        layer the planner promoted because its activations do not survive int8)."""
         from lowbit.backends.onnx.ort_rules import fuse_matmul_integer_to_float
         from lowbit.backends.onnx.weight_only import to_matmul_nbits
 
-        return {**to_matmul_nbits(model), **fuse_matmul_integer_to_float(model)}
+        eight_bit = bool((options or {}).get("decode_graph", False))
+        return {**to_matmul_nbits(model, eight_bit=eight_bit), **fuse_matmul_integer_to_float(model)}
 
 
 class OpenVinoBackend(OnnxBackend):

@@ -6,8 +6,9 @@ form its int4 kernels read:
 
 - ONNX Runtime: ``com.microsoft.MatMulNBits`` (``bits`` 4 or 8, ``block_size`` = the group, the codes
   offset to unsigned with zero point 2^(bits-1) when symmetric, packed zero points when asymmetric;
-  ``accuracy_level=4`` for 4-bit weights: int8 activations on VNNI). Per-channel 8-bit weights become blocks of one
-  power-of-two size with the channel's scale repeated (the same numbers). Two known traps are avoided by
+  ``accuracy_level=4``: int8 activations on VNNI). In a causal LM's step graph, per-channel 8-bit weights
+  become blocks of one power-of-two size with the channel's scale repeated (the same numbers) and run so
+  too. Two known traps are avoided by
   construction: the weight is never a blocked DQ on axis 0 of a [K, N] initializer (mis-fused), and no
   block is 512 wide (returns zeros).
 - OpenVINO: the blocked DQ of the INT4/UINT4 initializer as it is; the ONNX frontend turns it into a
@@ -179,13 +180,15 @@ def per_channel_to_blocked(g: Graph) -> int:
     return fired
 
 
-def to_matmul_nbits(model: onnx.ModelProto, accuracy_level: int = 4) -> dict[str, int]:
-    """Every blocked weight DQ -> Transpose -> MatMul as one ``com.microsoft.MatMulNBits`` (per-channel 8-bit
-    weights first become blocked). ``accuracy_level`` applies to 4-bit weights (4: int8 activations per
-    block on VNNI); 8-bit weights keep float activations (a ``w8a16`` layer is often one the planner
-    promoted because its activations do not survive int8)."""
+def to_matmul_nbits(model: onnx.ModelProto, accuracy_level: int = 4, eight_bit: bool = False) -> dict[str, int]:
+    """Every blocked weight DQ -> Transpose -> MatMul as one ``com.microsoft.MatMulNBits`` with
+    ``accuracy_level`` (4: int8 activations per block on VNNI). With ``eight_bit``, per-channel 8-bit weights
+    first become blocked and run so too (ORT's 8-bit MatMulNBits at accuracy level 0 is a slow reference
+    path: 0.5 s per SmolLM2 decode step, against 15 ms at level 4); without, they stay DQ -> MatMul, which
+    ORT folds into a float weight (float activations)."""
     g = Graph(model)
-    per_channel_to_blocked(g)
+    if eight_bit:
+        per_channel_to_blocked(g)
     fired = 0
     for dq, tr, mm in blocked_weight_dqs(g).values():
         q, bits = _codes(g, dq.input[0])  # [N, K]
@@ -210,8 +213,7 @@ def to_matmul_nbits(model: onnx.ModelProto, accuracy_level: int = 4) -> dict[str
         if zu is not None and not np.all(zu == offset):  # symmetric: the default zero point
             inputs.append(g.add_initializer(_pack(zu.reshape(n, blocks), bits).reshape(-1), dq.input[2] + "_nbits"))
         node = helper.make_node("MatMulNBits", inputs, [mm.output[0]], name=mm.name.replace("/MatMul", "") + "/MatMulNBits",
-                                domain=MSFT, K=k, N=n, bits=bits, block_size=block,
-                                accuracy_level=accuracy_level if bits == 4 else 0)
+                                domain=MSFT, K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level)
         idx = list(g.g.node).index(mm)
         for old in (mm, tr, dq):
             g.g.node.remove(old)
