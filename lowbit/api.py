@@ -37,7 +37,11 @@ def compile(  # noqa: A001 - the public name is compile
     plan: a per-layer precision plan (``CompiledModel.plan``, its JSON, or a path) that overrides config.
     dynamic_shapes: per input name, ``{dim: "symbol"}``; dim 0 (batch) of every input is dynamic anyway.
     dump_dir: write per-pass graph dumps there (also switched on by LOWBIT_DUMP_DIR).
-    options: target options, e.g. ``compile=True`` for target="torch".
+    options: target options, e.g. ``compile=True`` for target="torch". For a causal LM: ``tokenizer=`` (saved
+      with the artifact), ``decode=False`` (no KV-cache step graph: a model that only scores sequences).
+
+    A Hugging Face causal LM (``can_generate()``) returns a ``CausalLM``: called, it gives the logits;
+    ``.generate()`` decodes with a KV cache on the target's engine.
     """
     from lowbit.compiler.pipeline import compile_model
 

@@ -144,7 +144,11 @@ def _compile_decoder(model: torch.nn.Module, target: str, ctx: PassContext, sign
         report.sections.setdefault(name, section)
     report.sections["decode"] = {"graph": "KV-cache step (prefill and decode)", "layout": layout.to_json(),
                                  "passes": [p["pass"] for p in step.report.passes]}
-    report.layers = step.report.layers  # the same layers, with what the engine runs for each
+    engine_rows = {row["layer"]: row for row in step.report.layers}
+    for row in report.layers:  # the same layers: add what the engine runs for each
+        for key in ("kernel", "weights", "int8"):
+            if key in engine_rows.get(row["layer"], {}):
+                row[key] = engine_rows[row["layer"]][key]
     step.report = report
     return CausalLM(step, layout.to_json(), signature, tokenizer=tokenizer)
 
