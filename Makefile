@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lowbit-installed
 EXTRAS := examples,dev,triton,openvino
 
-.PHONY: install demo test lint bench bench-llm clean
+.PHONY: install demo test lint bench bench-llm bench-llm-decode clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ bench: install
 bench-llm: install
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS),bench]" torch==2.13.0
 	$(BIN)/python benchmarks/llm.py
+
+# the llama.cpp peer builds llama-cpp-python from source (~6 minutes on 2 cores)
+bench-llm-decode: install
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS),bench,llama]" torch==2.13.0
+	$(BIN)/python benchmarks/llm_decode.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
