@@ -263,11 +263,11 @@ def toposort(g: Graph) -> None:
 
 
 def apply_rules(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int], list[str]]:
-    from lowbit.backends.onnx.weight_only import fold_casts_into_blocked_weights
+    from lowbit.backends.onnx.weight_only import fold_casts_into_dq
 
     g = Graph(model)
     stats = {
-        "blocked_weights": fold_casts_into_blocked_weights(g),
+        "dq_casts_folded": fold_casts_into_dq(g),
         "gemm_to_matmul": gemm_to_matmul(g),
         "fold_weight_transpose": fold_weight_transpose(g),
         "dedicate_dq": dedicate_dq(g),

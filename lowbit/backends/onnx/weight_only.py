@@ -63,13 +63,15 @@ def integer_tensor(name: str, data_type: int, values: np.ndarray) -> onnx.Tensor
     return helper.make_tensor(name, data_type, list(v.shape), raw, raw=True)
 
 
-def fold_casts_into_blocked_weights(g: Graph) -> int:
-    """Cast(initializer) -> DequantizeLinear(block_size): the initializer stored in the cast's type (INT4 /
-    UINT4 packed two per byte by ONNX itself), so the engine sees a constant 4-bit weight."""
+def fold_casts_into_dq(g: Graph) -> int:
+    """Cast(initializer) -> DequantizeLinear: the initializer stored in the cast's type (INT4 / UINT4 packed
+    two per byte), so the engine sees constant codes and zero points (a grouped weight's 4-bit codes; the
+    uint8 zero points of an asymmetric per-channel weight, which would otherwise be a Cast node that no
+    later rewrite can read)."""
     prod = g.producers()
     fired = 0
     for dq in list(g.g.node):
-        if dq.op_type != "DequantizeLinear" or node_attr(dq, "block_size") is None:
+        if dq.op_type != "DequantizeLinear":
             continue
         for slot in (0, 2):
             if len(dq.input) <= slot:
@@ -154,7 +156,10 @@ def per_channel_to_blocked(g: Graph) -> int:
         block = _block_for(k)
         if block is None or scale is None or scale.shape not in ((n,),) or int(node_attr(dq, "axis", 1)) % 2 != 1:
             continue
-        zp = g.array(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+        has_zp = len(dq.input) > 2 and bool(dq.input[2])
+        zp = g.array(dq.input[2]) if has_zp else None
+        if has_zp and zp is None:  # a computed zero point: nothing to pack
+            continue
         q = _np(w).T  # [N, K]
         blocks = k // block
         scales = np.repeat(scale.astype(np.float32)[:, None], blocks, axis=1)
@@ -196,7 +201,9 @@ def to_matmul_nbits(model: onnx.ModelProto, accuracy_level: int = 4, eight_bit: 
         block = int(node_attr(dq, "block_size"))
         scale = _np(g.init[dq.input[1]]).astype(np.float32)  # [N, K / block]
         signed = g.init[dq.input[0]].data_type in (TensorProto.INT4, TensorProto.INT8)
-        zp = _np(g.init[dq.input[2]]).astype(np.int32) if len(dq.input) > 2 and dq.input[2] in g.init else None
+        if len(dq.input) > 2 and dq.input[2] and dq.input[2] not in g.init:
+            continue  # a computed zero point: leave the DQ as it is
+        zp = _np(g.init[dq.input[2]]).astype(np.int32) if len(dq.input) > 2 and dq.input[2] else None
         offset = 1 << (bits - 1)
         blocks = -(-k // block)
         u = q + offset if signed else q  # unsigned codes: MatMulNBits' default zero point is 2^(bits-1)
