@@ -379,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/lowbit-llm-decode"))
     ap.add_argument("--skip-build", action="store_true", help="reuse the builds recorded in the workdir")
+    ap.add_argument("--build-only", action="store_true", help="build what is missing, then stop (time later)")
     ap.add_argument("--build", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -394,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([sys.executable, __file__, "--build", name, "--workdir", str(args.workdir)], check=True)
         builds[name] = json.loads(path.read_text())
     gguf = build_llama_cpp(args.workdir)
+    if args.build_only:
+        return 0
     rows: dict[str, dict[str, Any]] = {"torch FP32 (HF generate)": {"kind": "hf", "ppl": 15.092, "size_mb": 538.1}}
     for name, b in builds.items():
         for target, e in b["engines"].items():

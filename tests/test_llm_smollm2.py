@@ -118,7 +118,7 @@ def test_default_plan_keeps_a_one_percent_budget(smollm2) -> None:
     """QuantConfig() as a new user gets it: per-token W8A8 (SmoothQuant) where the target runs it, then the
     layers that cost the most perplexity promoted until the fidelity batches are within 1% of float."""
     model, evaluation, calibration, fp32 = smollm2
-    q = lowbit.compile(model, (calibration[0],), calibration=calibration, progress=False)
+    q = lowbit.compile(model, (calibration[0],), calibration=calibration, progress=False, decode=False)
     search = q.report.sections["plan"]
     assert search["metric"] == "float_ppl / ppl" and search["target_ppl_increase"] == 0.01
     assert search["start_ppl"] <= search["float_ppl"] * 1.02  # all w8a8_dynamic: within 2%
