@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -35,15 +34,12 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import llm  # noqa: E402  (the perplexity benchmark: its paths, offline settings and context)
 from harness import _json_default  # noqa: E402
 
-THREADS = 2
+THREADS = llm.THREADS
 PROMPT = 128
 NEW = 128
 BATCH = 8
@@ -71,8 +67,6 @@ def setup() -> tuple[Any, Any, Any, Any]:
     import torch
 
     torch.set_num_threads(THREADS)
-    import llm  # the perplexity benchmark's context: model, tokenizer, evaluation and calibration windows
-
     ctx = llm.load_ctx(Path("/tmp"))
     ev = ctx.eval_ids
     prompts = torch.stack([ev[i * PROMPT:(i + 1) * PROMPT] for i in range(BATCH)])

@@ -93,7 +93,7 @@ def fold_casts_into_dq(g: Graph) -> int:
 def blocked_weight_dqs(g: Graph) -> dict[str, tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto]]:
     """MatMul output -> (DQ, Transpose, MatMul) for every blocked weight DQ feeding a MatMul's B through a
     [1, 0] Transpose (the exported form of ``linear(x, dq(W))``)."""
-    prod, cons = g.producers(), g.consumers()
+    cons = g.consumers()
     out = {}
     for dq in g.g.node:
         if dq.op_type != "DequantizeLinear" or node_attr(dq, "block_size") is None or dq.input[0] not in g.init:
@@ -105,7 +105,6 @@ def blocked_weight_dqs(g: Graph) -> dict[str, tuple[onnx.NodeProto, onnx.NodePro
         mms = cons.get(tr.output[0], [])
         if len(mms) == 1 and mms[0].op_type == "MatMul" and mms[0].input[1] == tr.output[0]:
             out[mms[0].output[0]] = (dq, tr, mms[0])
-    del prod
     return out
 
 
