@@ -16,6 +16,7 @@ from lowbit.errors import (  # noqa: E402
     CalibrationError,
     CaptureError,
     EngineMismatchError,
+    ExportError,
     InputError,
     LowbitError,
     PassError,
@@ -29,7 +30,7 @@ from lowbit.runtime.spec import LayerSpec, Plan, QuantSpec  # noqa: E402
 __all__ = [
     "compile", "load", "QuantConfig", "CompiledModel", "CausalLM", "Plan", "LayerSpec", "QuantSpec",
     "LowbitError", "CaptureError", "CalibrationError", "QuantConfigError", "PlanError", "ArtifactError",
-    "BackendNotAvailable", "BackendUnavailable", "EngineMismatchError", "PassError", "InputError",
+    "BackendNotAvailable", "BackendUnavailable", "EngineMismatchError", "PassError", "InputError", "ExportError",
 ]
 from lowbit import evaluate  # noqa: E402  perplexity and the offline text/model for LLMs
 from lowbit.runtime.layerwise import LayerwiseReport, compare_layers  # noqa: E402

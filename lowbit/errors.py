@@ -52,3 +52,8 @@ class PassError(LowbitError):
 
 class InputError(LowbitError, ValueError):
     """A call to a compiled model got inputs of the wrong structure, shape or dtype."""
+
+
+class ExportError(LowbitError):
+    """A compiled model cannot be written in the requested checkpoint format (compressed-tensors, GGUF): names
+    the layer or parameter and what the format can hold instead."""

@@ -78,8 +78,16 @@ def add_constant(gm: fx.GraphModule, prefix: str, value: torch.Tensor) -> str:
     return name
 
 
-def constant_node(gm: fx.GraphModule, prefix: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
+def constant_node(gm: fx.GraphModule, prefix: str, value: torch.Tensor, before: fx.Node,
+                  derives: fx.Node | None = None, kind: str = "value") -> fx.Node:
+    """A get_attr of a new buffer holding ``value``, inserted before ``before``. ``derives``: the get_attr of the
+    model parameter this value replaces (or encodes, ``kind``), recorded in ``gm.meta[meta.PARAM_SOURCES]``
+    so that a checkpoint in the model's own names can be written from the compiled graph."""
     name = add_constant(gm, prefix, value)
+    if derives is not None and derives.op == "get_attr":
+        sources = gm.meta.setdefault(meta.PARAM_SOURCES, {})
+        origin = sources.get(str(derives.target), {}).get("param", str(derives.target))
+        sources[name] = {"param": origin, "kind": kind}
     with gm.graph.inserting_before(before):
         node = gm.graph.get_attr(name)
     node.meta["val"] = value

@@ -29,6 +29,7 @@ from lowbit.passes import (
 from lowbit.passes.awq import AWQ
 from lowbit.passes.gptq import GPTQ
 from lowbit.passes.smooth_quant import SmoothQuant, reiterable
+from lowbit.runtime.export.view import ModelSource
 from lowbit.runtime.generate import CausalLM
 from lowbit.runtime.model import CompiledModel
 from lowbit.runtime.report import Report
@@ -119,9 +120,12 @@ def compile_model(
     sensitivity = ctx.notes.get("sensitivity")
     if sensitivity is not None and dump:
         sensitivity.write(dump)  # sensitivity.json and the bar chart sensitivity.png
-    if causal_lm and decode:
-        return _compile_decoder(model, target, ctx, signature, options, tokenizer, dump)
-    return backend.build(gm, ctx, captured, options)
+    compiled = (_compile_decoder(model, target, ctx, signature, options, tokenizer, dump) if causal_lm and decode
+                else backend.build(gm, ctx, captured, options))
+    compiled.source = ModelSource.of(model)
+    if compiled._tokenizer is None:
+        compiled._tokenizer = tokenizer
+    return compiled
 
 
 def _compile_decoder(model: torch.nn.Module, target: str, ctx: PassContext, signature: Signature,

@@ -225,7 +225,7 @@ class AWQ(Pass):
                 if name not in no_clip:
                     w, entry["mean_clip"] = search_clip(x, w, spec, config.awq_grid)
                     node.replace_input_with(node.args[1], constant_node(gm, f"{name}_awq_clipped",
-                                                                        w.to(current.dtype), node))
+                                                                        w.to(current.dtype), node, node.args[1]))
                     stats["layers_clipped"] += 1
                 # what round-to-nearest will make of it, against the weight before clipping (scaled: exact)
                 ref = w_float * s if s is not None else w_float

@@ -122,8 +122,9 @@ class QuantizeEmbeddings(Pass):
         for weight, (table, codes, scales, restored) in tables.items():
             name = str(weight.target)
             qparams[f"{name}.row_scale"] = scales.reshape(-1).float()
-            codes_node = constant_node(gm, f"{name}_int8", codes, weight)  # the table's get_attr precedes its lookups
-            scales_node = constant_node(gm, f"{name}_row_scale", scales, weight)
+            # the table's get_attr precedes its lookups
+            codes_node = constant_node(gm, f"{name}_int8", codes, weight, weight, kind="int8_rows")
+            scales_node = constant_node(gm, f"{name}_row_scale", scales, weight, weight, kind="row_scale")
             for lookup in [u for u in weight.users if _is_lookup(u, weight)]:
                 ids = lookup.args[1]
                 with graph.inserting_before(lookup):

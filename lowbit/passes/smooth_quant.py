@@ -386,7 +386,7 @@ class SmoothQuant(Pass):
         """Scale the group's weight columns by s and put 1/s where g.fold says; returns the report text."""
         for node, name in zip(g.layers, g.names, strict=True):
             w = attr_tensor(gm, node.args[1])
-            new_w = constant_node(gm, f"{name}_smoothed_weight", (w.detach() * s).to(w.dtype), node)
+            new_w = constant_node(gm, f"{name}_smoothed_weight", (w.detach() * s).to(w.dtype), node, node.args[1])
             node.replace_input_with(node.args[1], new_w)
         inv = (1.0 / s.double()).float()
         prod = g.fold_node
@@ -395,23 +395,26 @@ class SmoothQuant(Pass):
             for i in (2, 3):
                 if i < len(args) and isinstance(args[i], fx.Node):
                     t = attr_tensor(gm, args[i])
-                    args[i] = constant_node(gm, f"{args[i].target}_smoothed", (t.detach() * inv).to(t.dtype), prod)
+                    args[i] = constant_node(gm, f"{args[i].target}_smoothed", (t.detach() * inv).to(t.dtype), prod,
+                                            args[i])
             prod.args = tuple(args)
             return f"layer_norm {module_path(prod) or prod.name}"
         if g.fold == "rms_norm" and prod is not None:
             i = next(i for i, a in enumerate(prod.args) if norm_scale(gm, prod) is a)
             t = attr_tensor(gm, prod.args[i])
             args = list(prod.args)
-            args[i] = constant_node(gm, f"{prod.args[i].target}_smoothed", (t.detach() * inv).to(t.dtype), prod)
+            args[i] = constant_node(gm, f"{prod.args[i].target}_smoothed", (t.detach() * inv).to(t.dtype), prod,
+                                    prod.args[i])
             prod.args = tuple(args)
             return f"rms_norm {module_path(prod) or prod.name}"
         if g.fold == "linear" and prod is not None:
             w = attr_tensor(gm, prod.args[1])
             args = list(prod.args)
-            args[1] = constant_node(gm, f"{prod.args[1].target}_smoothed_rows", (w.detach() * inv[:, None]).to(w.dtype), prod)
+            args[1] = constant_node(gm, f"{prod.args[1].target}_smoothed_rows", (w.detach() * inv[:, None]).to(w.dtype), prod,
+                                    prod.args[1])
             if len(args) > 2 and isinstance(args[2], fx.Node):
                 b = attr_tensor(gm, args[2])
-                args[2] = constant_node(gm, f"{args[2].target}_smoothed", (b.detach() * inv).to(b.dtype), prod)
+                args[2] = constant_node(gm, f"{args[2].target}_smoothed", (b.detach() * inv).to(b.dtype), prod, args[2])
             prod.args = tuple(args)
             return f"linear {prod.meta.get(meta.LAYER, prod.name)}"
         c = constant_node(gm, f"{g.names[0]}_smooth_inv_scale", inv, g.layers[0])

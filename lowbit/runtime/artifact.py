@@ -65,10 +65,10 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """safetensors refuses tensors that share storage (e.g. one SmoothQuant scale used by Q, K and V):
     every entry gets its own copy."""
-    save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(path))
+    save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
 #: manifest entries and files a wrapper adds to the artifact its inner model writes (a causal LM's cache

@@ -45,6 +45,13 @@ class CompiledModel:
         self.graph_module = graph_module
         self.options = dict(options or {})
         self.state: dict[str, Any] = {}  # backend-private: what its save() needs
+        self.source: Any = None  # lowbit.runtime.export.ModelSource of the compiled model: what export() needs
+        self._tokenizer: Any = None  # compile(..., tokenizer=): travels with a causal LM's artifact and exports
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer given to compile(tokenizer=...) (None without one)."""
+        return self._tokenizer
 
     @property
     def plan(self) -> dict[str, Any]:
@@ -66,6 +73,14 @@ class CompiledModel:
         path = Path(directory)
         self._saver(self, path)
         return path
+
+    def export(self, directory: str | os.PathLike[str], format: str, **options: Any) -> Path:
+        """Write a checkpoint an LLM serving engine loads: ``format="compressed-tensors"`` (vLLM, transformers) or
+        ``"gguf"`` (llama.cpp, Ollama). The checkpoint holds this model's codes and scales in the format's layout;
+        a layer the format cannot hold is an ExportError naming it. See ``lowbit.runtime.export``."""
+        from lowbit.runtime.export import export_checkpoint
+
+        return export_checkpoint(self, directory, format, **options)
 
     def __repr__(self) -> str:
         return f"CompiledModel(target={self.target!r}, layers={len(self._plan.layers)}, {self._plan.counts()})"
