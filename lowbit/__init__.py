@@ -15,6 +15,7 @@ from lowbit.errors import (  # noqa: E402
     BackendUnavailable,
     CalibrationError,
     CaptureError,
+    EngineError,
     EngineMismatchError,
     ExportError,
     InputError,
@@ -30,7 +31,7 @@ from lowbit.runtime.spec import LayerSpec, Plan, QuantSpec  # noqa: E402
 __all__ = [
     "compile", "load", "QuantConfig", "CompiledModel", "CausalLM", "Plan", "LayerSpec", "QuantSpec",
     "LowbitError", "CaptureError", "CalibrationError", "QuantConfigError", "PlanError", "ArtifactError",
-    "BackendNotAvailable", "BackendUnavailable", "EngineMismatchError", "PassError", "InputError", "ExportError",
+    "BackendNotAvailable", "BackendUnavailable", "EngineError", "EngineMismatchError", "PassError", "InputError", "ExportError",
 ]
 from lowbit import evaluate  # noqa: E402  perplexity and the offline text/model for LLMs
 from lowbit.runtime.layerwise import LayerwiseReport, compare_layers  # noqa: E402

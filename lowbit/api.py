@@ -24,7 +24,7 @@ def compile(  # noqa: A001 - the public name is compile
     calibration: Iterable[Any] | None = None,
     config: QuantConfig | None = None,
     plan: Plan | Mapping[str, Any] | str | None = None,
-    dynamic_shapes: Mapping[str, Any] | None = None,
+    dynamic_shapes: Mapping[str, Any] | tuple[Any, ...] | list[Any] | None = None,
     dump_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
     **options: Any,

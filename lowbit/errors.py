@@ -57,3 +57,8 @@ class InputError(LowbitError, ValueError):
 class ExportError(LowbitError):
     """A compiled model cannot be written in the requested checkpoint format (compressed-tensors, GGUF): names
     the layer or parameter and what the format can hold instead."""
+
+
+class EngineError(LowbitError, RuntimeError):
+    """The engine (ONNX Runtime, OpenVINO, TensorRT) failed on a call: its message (which names the node) and the
+    call's inputs, instead of the engine's own exception type."""

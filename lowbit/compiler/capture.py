@@ -99,13 +99,7 @@ def build_dynamic_shapes(
         bound = inspect.signature(model.forward).bind(*args, **kwargs)
     except TypeError as e:
         raise CaptureError(f"example_inputs do not match {type(model).__name__}.forward: {e}") from e
-    user = dict(user or {})
-    unknown = set(user) - set(bound.arguments)
-    if unknown:
-        raise CaptureError(
-            f"dynamic_shapes names {sorted(unknown)}, which are not among the example inputs "
-            f"{sorted(bound.arguments)}"
-        )
+    user = normalize_dynamic_shapes(user, list(bound.arguments))
     cache: dict[str, Dim] = {}
     bounds = dict(bounds or {})
     shapes: dict[str, Any] = {}
@@ -116,15 +110,65 @@ def build_dynamic_shapes(
             continue
         dims: dict[int, str] = {0: "batch"} if value.ndim > 0 else {}
         for d, sym in (user.get(name) or {}).items():
-            if sym is None:
-                dims.pop(int(d), None)
+            if not -value.ndim <= d < value.ndim:
+                raise CaptureError(f"dynamic_shapes[{name!r}] marks dim {d}, but {name!r} has {value.ndim} dims")
+            d = d % value.ndim
+            if sym is None or sym is Dim.STATIC:
+                dims.pop(d, None)
+            elif sym is Dim.AUTO or sym is Dim.DYNAMIC:
+                # one symbol per position across inputs (ids and mask share their sequence dim, as models need)
+                dims[d] = dims.get(d, f"dim{d}")
             else:
-                dims[int(d)] = sym.__name__ if isinstance(sym, Dim) else str(sym)
+                dims[d] = sym.__name__ if isinstance(sym, Dim) else str(sym)
                 if isinstance(sym, Dim):
                     bounds.setdefault(sym.__name__, (sym.min, sym.max if sym.max < 2**62 else None))
         named[name] = dims
         shapes[name] = {d: _dim(s, cache, bounds) for d, s in dims.items()} or None
     return shapes, named
+
+
+def normalize_dynamic_shapes(user: Any, names: list[str]) -> dict[str, dict[int, Any]]:
+    """Every form torch.export takes -> {input name: {dim: Dim | str | None | Dim.AUTO/DYNAMIC/STATIC}}.
+
+    Top level: a dict by input name, or a tuple/list by position (the forward's arguments in signature order, as
+    torch.export binds them). Per input: a dict {dim: spec}, or a tuple/list with one spec per dim (None:
+    static). A missing input or a None entry keeps lowbit's default (dim 0 is the dynamic 'batch').
+    ``Dim.AUTO`` / ``Dim.DYNAMIC`` make a dim dynamic under one symbol per position (``dim1`` in every input that
+    marks its dim 1 so), ``Dim.STATIC`` keeps it static."""
+    if user is None:
+        return {}
+    if isinstance(user, Mapping):
+        keys = list(user)
+        if any(not isinstance(k, str) for k in keys):
+            raise CaptureError(f"dynamic_shapes is keyed by input name, or is a tuple in input order; got keys "
+                               f"{keys!r} (a mix of positions and names is ambiguous): use one form")
+        unknown = sorted(set(keys) - set(names))
+        if unknown:
+            raise CaptureError(f"dynamic_shapes names {unknown}, which are not among the example inputs "
+                               f"{sorted(names)}")
+        items = dict(user)
+    elif isinstance(user, (tuple, list)):
+        if len(user) > len(names):
+            raise CaptureError(f"dynamic_shapes has {len(user)} positional entries but the example has "
+                               f"{len(names)} inputs {names}")
+        items = dict(zip(names, user, strict=False))
+    else:
+        raise CaptureError(f"dynamic_shapes must be a dict by input name or a tuple in input order, got "
+                           f"{type(user).__name__}")
+    out: dict[str, dict[int, Any]] = {}
+    for name, spec in items.items():
+        if spec is None:
+            continue
+        if isinstance(spec, Mapping):
+            if any(not isinstance(d, int) for d in spec):
+                raise CaptureError(f"dynamic_shapes[{name!r}]: dims are ints, got keys {list(spec)!r}")
+            out[name] = dict(spec)
+        elif isinstance(spec, (tuple, list)):
+            out[name] = {d: sym for d, sym in enumerate(spec)}  # None at a position: that dim static
+        else:
+            raise CaptureError(f"dynamic_shapes[{name!r}]: expected {{dim: Dim}} or one entry per dim, got "
+                               f"{type(spec).__name__}")
+    return out
 
 
 _HINTS = [
@@ -161,7 +205,7 @@ def _explain(exc: BaseException) -> str:
 def capture(
     model: torch.nn.Module,
     example_inputs: Any,
-    dynamic_shapes: Mapping[str, Any] | None = None,
+    dynamic_shapes: Mapping[str, Any] | tuple[Any, ...] | list[Any] | None = None,
     dim_bounds: Mapping[str, tuple[int, int | None]] | None = None,
 ) -> Captured:
     """torch.export the model (eval mode) and return its module graph. Raises CaptureError on failure."""
@@ -181,7 +225,8 @@ def _widen_unit_dims(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict
     LLM case) could not be dynamic: every dynamic dim of size 1 is repeated to 2 for the capture (the model
     sees the same rows twice), and the captured graph takes any size."""
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    changed = False
+    positions = {name: i for i, name in enumerate(list(bound.arguments)[:len(args)])}
+    args, kwargs = list(args), dict(kwargs)  # the example's own form: keywords stay keywords
     for name, dims in named.items():
         value = bound.arguments.get(name)
         if not isinstance(value, torch.Tensor):
@@ -189,9 +234,11 @@ def _widen_unit_dims(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict
         for d in dims:
             if value.shape[d] == 1:
                 value = torch.cat([value, value], dim=d)
-                changed = True
-        bound.arguments[name] = value
-    return (tuple(bound.args), dict(bound.kwargs)) if changed else (args, kwargs)
+        if name in kwargs:
+            kwargs[name] = value
+        elif name in positions:
+            args[positions[name]] = value
+    return tuple(args), kwargs
 
 
 def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], shapes: dict[str, Any],
@@ -243,4 +290,40 @@ def _bounds_of(shapes: Any) -> dict[str, tuple[int, int | None]]:
             if isinstance(d, Dim):
                 hi = d.max if d.max is not None and d.max < 2**62 else None
                 out[d.__name__] = (max(int(d.min or 1), 1), int(hi) if hi is not None else None)
+    return out
+
+
+#: ops an index input may pass through on its way to a lookup, without changing its values
+_VALUE_PRESERVING = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten.unsqueeze.default,
+                     torch.ops.aten.squeeze.dim, torch.ops.aten.flatten.using_ints, torch.ops.aten._to_copy.default,
+                     torch.ops.aten.clone.default, torch.ops.aten.contiguous.default, torch.ops.aten.expand.default,
+                     torch.ops.aten.slice.Tensor, torch.ops.aten.alias.default}
+
+
+def index_ranges(gm: fx.GraphModule, input_names: list[str]) -> dict[str, tuple[int, int]]:
+    """Integer inputs that reach an ``embedding`` as its indices (directly or through views and copies):
+    input name -> ``[0, rows)`` of the smallest table they index. Out of range, an engine's Gather reads out of
+    bounds or fails with its own error; lowbit checks these bounds before every call (signature.value_ranges)."""
+    out: dict[str, tuple[int, int]] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, name in zip(placeholders, input_names, strict=False):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.is_floating_point() or val.dtype == torch.bool:
+            continue
+        rows: list[int] = []
+        frontier, seen = [node], set()
+        while frontier:
+            n = frontier.pop()
+            for user in n.users:
+                if user in seen or user.op != "call_function":
+                    continue
+                seen.add(user)
+                if user.target is torch.ops.aten.embedding.default and len(user.args) > 1 and user.args[1] is n:
+                    table = user.args[0].meta.get("val") if isinstance(user.args[0], fx.Node) else None
+                    if isinstance(table, torch.Tensor) and isinstance(table.shape[0], int):
+                        rows.append(int(table.shape[0]))
+                elif user.target in _VALUE_PRESERVING and user.args and user.args[0] is n:
+                    frontier.append(user)
+        if rows:
+            out[name] = (0, min(rows))
     return out

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from lowbit.backends.registry import get_backend
-from lowbit.compiler.capture import capture, sequence_dynamic_shapes, without_kv_cache
+from lowbit.compiler.capture import capture, index_ranges, sequence_dynamic_shapes, without_kv_cache
 from lowbit.compiler.instruments import DumpInstrument, TimingInstrument, VerifyInstrument
 from lowbit.compiler.pass_manager import Pass, PassContext, PassManager, PassRecord
 from lowbit.compiler.planner import CPU_SCHEME_COSTS, PlanPrecision
@@ -63,7 +63,7 @@ def compile_model(
     calibration: Iterable[Any] | None = None,
     config: QuantConfig | None = None,
     plan: Plan | Mapping[str, Any] | str | None = None,
-    dynamic_shapes: Mapping[str, Any] | None = None,
+    dynamic_shapes: Mapping[str, Any] | tuple[Any, ...] | list[Any] | None = None,
     dump_dir: str | os.PathLike[str] | None = None,
     options: Mapping[str, Any] | None = None,
     qparams: Mapping[str, torch.Tensor] | None = None,
@@ -97,7 +97,8 @@ def compile_model(
     with torch.no_grad(), without_kv_cache(model):
         example_out = model(*captured.args, **captured.kwargs)
     signature = Signature.from_example(captured.args, captured.kwargs, captured.input_names, captured.dynamic,
-                                       example_out, captured.dim_bounds)
+                                       example_out, captured.dim_bounds,
+                                       index_ranges(captured.gm, captured.input_names))
     ctx = PassContext(config=config, plan=Plan.coerce(plan), calibration=calibration,
                       input_names=captured.input_names, example=(captured.args, captured.kwargs),
                       qparams=qparams, progress=progress)

@@ -15,6 +15,7 @@ ONNX node names carry the layer: the weight DQ is ``<layer>/weight_dq`` and its 
 from __future__ import annotations
 
 import os
+import queue
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lowbit.errors import BackendNotAvailable, InputError
+from lowbit.errors import BackendNotAvailable, EngineError, InputError
 from lowbit.runtime.signature import Signature
 
 ORT_INT8_OPS = {
@@ -62,8 +63,13 @@ class OrtRunner:
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, flat: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        # InferenceSession.run is thread-safe; this runner keeps no per-call state
         feed = {n: np.ascontiguousarray(t.detach().cpu().numpy()) for n, t in zip(self.input_names, flat, strict=True)}
-        return [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feed)]
+        try:
+            outs = self.session.run(None, feed)
+        except Exception as e:  # onnxruntime's Fail/InvalidArgument/RuntimeException are not one base class
+            raise EngineError(engine_message("onnxruntime", e, self.signature, flat)) from e
+        return [torch.from_numpy(np.asarray(o)) for o in outs]
 
     def kernels(self, layers_by_weight: Mapping[str, str]) -> dict[str, str]:
         """layer -> the op type ORT runs for it (from the optimized graph)."""
@@ -130,27 +136,45 @@ class OpenVinoRunner:
         model = core.read_model(str(model_path))
         self._ov = ov
         self.compiled = core.compile_model(model, "CPU", config)
-        self.request = self.compiled.create_infer_request()
         self.num_outputs = len(self.compiled.outputs)
         self.static_key: tuple[tuple[int, ...], ...] | None = None
+        self.static = None
         if static_shapes is not None:
             model = model.clone()  # reshape a copy: the dynamic model above stays as read
             self.static_key = tuple(tuple(int(d) for d in s) for s in static_shapes)
             model.reshape({p.get_any_name(): list(s) for p, s in zip(model.inputs, self.static_key, strict=True)})
             self.static = core.compile_model(model, "CPU", config)
-            self.static_request = self.static.create_infer_request()
+        # An infer request runs one inference at a time ("Infer Request is busy" otherwise): each call takes an
+        # idle request from its model's pool, or creates one, and gives it back after. A compiled model is
+        # thread-safe; N threads calling at once hold N requests (created on first need, then reused).
+        self._idle: dict[int, queue.SimpleQueue[Any]] = {id(self.compiled): queue.SimpleQueue()}
+        self._idle[id(self.compiled)].put(self.compiled.create_infer_request())
+        if self.static is not None:
+            self._idle[id(self.static)] = queue.SimpleQueue()
+            self._idle[id(self.static)].put(self.static.create_infer_request())
 
     def __call__(self, flat: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        request = self.request
-        if self.static_key is not None and tuple(tuple(t.shape) for t in flat) == self.static_key:
-            request = self.static_request
-        # OpenVINO reads our arrays in place during this synchronous call; the outputs are copied out of the
-        # request's buffers, so they stay valid after the next call
-        for i, t in enumerate(flat):
-            array = np.ascontiguousarray(t.detach().cpu().numpy())
-            request.set_input_tensor(i, self._ov.Tensor(array, shared_memory=True))
-        request.infer()
-        return [torch.from_numpy(request.get_output_tensor(i).data.copy()) for i in range(self.num_outputs)]
+        compiled = self.compiled
+        if self.static is not None and tuple(tuple(t.shape) for t in flat) == self.static_key:
+            compiled = self.static
+        idle = self._idle[id(compiled)]
+        try:
+            request = idle.get_nowait()
+        except queue.Empty:
+            request = compiled.create_infer_request()
+        try:
+            # OpenVINO reads our arrays in place during this synchronous call; the outputs are copied out of the
+            # request's buffers, so they stay valid after the request serves another call
+            for i, t in enumerate(flat):
+                array = np.ascontiguousarray(t.detach().cpu().numpy())
+                request.set_input_tensor(i, self._ov.Tensor(array, shared_memory=True))
+            try:
+                request.infer()
+            except RuntimeError as e:
+                raise EngineError(engine_message("openvino", e, self.signature, flat)) from e
+            return [torch.from_numpy(request.get_output_tensor(i).data.copy()) for i in range(self.num_outputs)]
+        finally:
+            idle.put(request)
 
     def _executed(self, with_types: bool = False) -> Iterator[Any]:
         """(original ONNX node names, layer type, runtime precision[, input element types]) of each node of
@@ -188,6 +212,13 @@ class OpenVinoRunner:
         """``layerType:runtimePrecision`` of each executed node that runs a softmax (the fused MHA kernels:
         ``Subgraph:i8`` when Q K^T runs as an int8 matmul)."""
         return [f"{kind}:{prec}" for names, kind, prec in self._executed() if "softmax" in names.lower()]
+
+
+def engine_message(engine: str, error: BaseException, signature: Signature, flat: Sequence[torch.Tensor]) -> str:
+    """An engine's failure as a lowbit message: the engine's first line (it names the node), and the inputs."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    inputs = ", ".join(f"{s.name} {t.dtype} {list(t.shape)}" for s, t in zip(signature.inputs, flat, strict=False))
+    return f"{engine} failed on this call ({first}); inputs: {inputs}"
 
 
 RUNNERS = {"onnxruntime": OrtRunner, "openvino": OpenVinoRunner}

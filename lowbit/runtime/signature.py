@@ -54,6 +54,9 @@ class Signature:
     output_kind: str = "tuple"  # "tensor" | "tuple" | "list" | "dict"
     output_keys: list[str] = field(default_factory=list)
     dim_bounds: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+    #: integer inputs that index a table (token ids into an embedding): input name -> [lo, hi) of valid values,
+    #: checked on every call (an engine's Gather reads out of bounds, or fails with its own error, otherwise)
+    value_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
     #: (dtype, shape) per input of calls already checked and accepted: a repeat skips the checks (a call
     #: right after an engine ran finds Python's caches cold, where the full checks cost ~15 us)
     _accepted: dict[tuple[Any, ...], None] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -64,6 +67,7 @@ class Signature:
         cls, args: Sequence[Any], kwargs: Mapping[str, Any], input_names: Sequence[str],
         dynamic: Mapping[str, Mapping[int, str]], example_out: Any,
         dim_bounds: Mapping[str, tuple[int, int | None]] | None = None,
+        value_ranges: Mapping[str, tuple[int, int]] | None = None,
     ) -> Signature:
         leaves = [x for x in pytree.tree_leaves((tuple(args), dict(kwargs)))]
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
@@ -77,7 +81,7 @@ class Signature:
             sigs.append(TensorSig(name, dtype_name(t.dtype), shape))
         kind, keys, n_out = _output_structure(example_out)
         return cls(sigs, list(kwargs) if kwargs else None, len(args), [f"output_{i}" for i in range(n_out)],
-                   kind, keys, dict(dim_bounds or {}))
+                   kind, keys, dict(dim_bounds or {}), dict(value_ranges or {}))
 
     # -- flattening and checking -------------------------------------------------------------------
     def flatten(self, inputs: Any, *, error: type[Exception] = InputError, where: str = "input",
@@ -96,6 +100,7 @@ class Signature:
         if not check_finite:
             seen = self._seen_call(args, kwargs)
             if seen is not None:
+                self.check_values(seen, error=error, where=where)
                 return seen
         if self.keywords is not None:
             if len(args) > len(self.keywords):
@@ -124,6 +129,7 @@ class Signature:
         if len(leaves) != len(self.inputs):
             raise error(f"{where}: expected {len(self.inputs)} tensors {[s.name for s in self.inputs]}, got {len(leaves)}")
         self.check(leaves, error=error, where=where, check_finite=check_finite)
+        self.check_values(leaves, error=error, where=where)
         if leaves is values and len(self._accepted) < 64:
             self._accepted[_call_key(leaves)] = None
         return leaves
@@ -174,6 +180,28 @@ class Signature:
                 bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
                 raise error(f"{where}: input {sig.name!r} contains {bad}")
 
+    def check_values(self, tensors: Sequence[torch.Tensor], *, error: type[Exception] = InputError,
+                     where: str = "input") -> None:
+        """Every call: index inputs within their table, float inputs finite. The first bad position, its value and
+        the valid range. NaN/Inf are refused because a quantizer maps NaN to an arbitrary code (the float model
+        would propagate it; the quantized one would return finite garbage)."""
+        for sig, t in zip(self.inputs, tensors, strict=True):
+            if t.is_floating_point():
+                if t.numel() and not bool(torch.isfinite(t).all()):
+                    pos = tuple(int(i) for i in (~torch.isfinite(t)).nonzero()[0])
+                    raise error(f"{where}: input {sig.name!r} holds {float(t[pos])} at position {list(pos)}; "
+                                "a quantized model takes finite values only")
+                continue
+            bounds = self.value_ranges.get(sig.name)
+            if bounds is None or t.numel() == 0:
+                continue
+            lo, hi = bounds
+            small, big = torch.aminmax(t)
+            if int(small) < lo or int(big) >= hi:
+                pos = tuple(int(i) for i in ((t < lo) | (t >= hi)).nonzero()[0])
+                raise error(f"{where}: input {sig.name!r} holds {int(t[pos])} at position {list(pos)}, outside "
+                            f"[{lo}, {hi}) (the rows of the table it indexes)")
+
     @staticmethod
     def describe(sig: TensorSig) -> str:
         return f"{sig.dtype}[{', '.join(str(d) for d in sig.shape)}]"
@@ -199,6 +227,7 @@ class Signature:
             "output_kind": self.output_kind,
             "output_keys": self.output_keys,
             "dim_bounds": {k: list(v) for k, v in self.dim_bounds.items()},
+            "value_ranges": {k: list(v) for k, v in self.value_ranges.items()},
         }
 
     @classmethod
@@ -217,6 +246,7 @@ class Signature:
             output_kind=d["output_kind"],
             output_keys=list(d.get("output_keys", [])),
             dim_bounds={k: (v[0], v[1]) for k, v in d.get("dim_bounds", {}).items()},
+            value_ranges={k: (int(v[0]), int(v[1])) for k, v in d.get("value_ranges", {}).items()},
         )
 
     def example_tensors(self, sizes: Mapping[str, int] | None = None) -> list[torch.Tensor]:
