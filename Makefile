@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lowbit-installed
 EXTRAS := examples,dev,triton,openvino
 
-.PHONY: install demo test lint bench bench-llm bench-llm-decode bench-llm-export clean
+.PHONY: install demo test lint bench bench-llm bench-llm-decode bench-llm-export bench-serving clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ bench-llm: install
 bench-llm-decode: install
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS),bench,llama]" torch==2.13.0
 	$(BIN)/python benchmarks/llm_decode.py
+
+bench-serving: install
+	$(BIN)/python benchmarks/serving.py
 
 # llm-compressor (the compressed-tensors peer) pins transformers <= 5.17: it gets its own venv
 .venv-llmc/bin/python:

@@ -241,10 +241,14 @@ def main(argv: list[str] | None = None) -> int:
                          "tensor_parallel_sizes": manifest["tensor_parallel_sizes"]})
             print(rows[-1], flush=True)
     if want("llm-compressor"):
-        path = run_llmcompressor(ctx, args.workdir)
+        try:
+            path = run_llmcompressor(ctx, args.workdir)
+        except subprocess.CalledProcessError as e:
+            path, failure = None, f"llm-compressor failed (exit {e.returncode}); see its output above"
+        else:
+            failure = f"no {LLMC_PYTHON} (make bench-llm-export creates it)"
         if path is None:
-            rows.append({"format": "compressed-tensors", "row": "llm-compressor W4A16 g64 GPTQ",
-                         "error": f"no {LLMC_PYTHON} (make bench-llm-export creates it)"})
+            rows.append({"format": "compressed-tensors", "row": "llm-compressor W4A16 g64 GPTQ", "error": failure})
         else:
             got, _ = score_ct(path)
             rows.append({"format": "compressed-tensors", "row": "llm-compressor W4A16 g64 GPTQ",

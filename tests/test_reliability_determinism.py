@@ -76,11 +76,15 @@ def report_without_timings(d: Path) -> Any:
 
 
 def assert_same_build(a: Path, b: Path) -> int:
-    """Byte-identical model, plan and scales; the same report but for timings. Returns the scale count."""
+    """Every hashed file byte-identical, manifest.json included (the pass timings live in timings.json, which the
+    manifest does not hash). Returns the scale count."""
     da, db = digests(a), digests(b)
     for name in IDENTICAL:
         assert da[name] == db[name], f"{name} differs between two compiles ({a} vs {b})"
     assert report_without_timings(a) == report_without_timings(b)
+    assert "timings.json" in da and "timings.json" not in json.loads((a / "manifest.json").read_text())["files"]
+    differ = sorted(k for k in da if k != "timings.json" and da[k] != db.get(k))
+    assert not differ, f"{differ} differ between two builds ({a} vs {b})"
     qa, qb = load_file(str(a / "qparams.safetensors")), load_file(str(b / "qparams.safetensors"))
     assert qa.keys() == qb.keys() and all(torch.equal(qa[k], qb[k]) for k in qa)
     return sum(1 for k in qa if k.endswith("scale"))

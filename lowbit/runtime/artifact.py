@@ -100,14 +100,17 @@ def write_artifact(directory: str | os.PathLike[str], writer: Callable[[Path], N
         if extra is not None:
             extra[1](tmp)
             manifest = {**manifest, **extra[0]}
+        _split_timings(tmp)
         files = {}
         for p in sorted(tmp.rglob("*")):
-            if p.is_file() and p.name != MANIFEST:
+            if p.is_file() and p.name not in (MANIFEST, TIMINGS):
                 files[p.relative_to(tmp).as_posix()] = sha256_file(p)
         manifest = {**manifest, "format_version": FORMAT_VERSION, "files": files}
         manifest["manifest_sha256"] = _self_hash(manifest)
         write_json(tmp / MANIFEST, manifest)  # last: a directory without a manifest is never loaded
+        _fsync_tree(tmp)  # every byte on disk before the rename makes the directory visible
         if target.exists() and _exchange(tmp, target):
+            _fsync_dir(target.parent)
             _remove(tmp)  # tmp now holds what was at the target
             return target
         old = None
@@ -115,12 +118,57 @@ def write_artifact(directory: str | os.PathLike[str], writer: Callable[[Path], N
             old = target.parent / f".{target.name}.old-{os.getpid()}"
             os.replace(target, old)
         os.replace(tmp, target)
+        _fsync_dir(target.parent)  # the rename itself survives a power loss
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+#: wall-clock figures of the build (pass seconds): they differ between two builds of the same model, so they live
+#: in this file, which the manifest does not hash (and no loader reads), and every hashed file is byte-identical
+#: across rebuilds
+TIMINGS = "timings.json"
+
+
+def _split_timings(tmp: Path) -> None:
+    report = tmp / "report.json"
+    if not report.is_file():
+        return
+    data = json.loads(report.read_text())
+    timings = {"passes": [{"pass": p.get("pass"), "seconds": p.pop("seconds")} for p in data.get("passes", [])
+                          if isinstance(p, dict) and "seconds" in p]}
+    if timings["passes"]:
+        write_json(report, data)
+        write_json(tmp / TIMINGS, timings)
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # a filesystem that cannot fsync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file, then every directory bottom-up (a file's directory entry is data of its directory)."""
+    dirs = [root]
+    for p in sorted(root.rglob("*")):
+        if p.is_dir():
+            dirs.append(p)
+        elif p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for d in sorted(dirs, key=lambda x: -len(x.parts)):
+        _fsync_dir(d)
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,15 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from lowbit.errors import ArtifactError, BackendUnavailable, EngineMismatchError, InputError, LowbitError
+from lowbit.errors import (
+    ArtifactError,
+    BackendUnavailable,
+    EngineError,
+    EngineMismatchError,
+    InputError,
+)
 from lowbit.runtime.signature import Signature
 
 ENGINE_FILE = "engine.plan"
 TIMING_CACHE_FILE = "timing.cache"
-
-
-class EngineRunError(LowbitError):
-    """TensorRT refused to enqueue the engine (execute_async_v3 returned False)."""
 
 
 def rebuild_call(directory: str | os.PathLike[str]) -> str:
@@ -117,6 +120,10 @@ class TensorRTRunner:
             raise ArtifactError(f"{d / ENGINE_FILE}: TensorRT could not deserialize the engine (see its log); "
                                 f"rebuild it: {rebuild_call(d)}")
         self.context = self.cuda_engine.create_execution_context()
+        # an execution context holds one call's shapes and addresses: concurrent calls each take an idle one from
+        # this pool (or create one), so one loaded engine serves any number of threads
+        self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._idle.put(self.context)
         names = [self.cuda_engine.get_tensor_name(i) for i in range(self.cuda_engine.num_io_tensors)]
         self.input_names = [n for n in names if self.cuda_engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if n not in self.input_names]
@@ -128,20 +135,30 @@ class TensorRTRunner:
 
     def __call__(self, flat: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         check_profile(self.profile, self.signature, flat)
+        try:
+            context = self._idle.get_nowait()
+        except queue.Empty:
+            context = self.cuda_engine.create_execution_context()
+        try:
+            return self._run(context, flat)
+        finally:
+            self._idle.put(context)
+
+    def _run(self, context: Any, flat: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         stream = torch.cuda.current_stream(self.device)
         feeds = []  # kept alive until enqueued; the caching allocator orders their reuse on this stream
         for sig, t in zip(self.signature.inputs, flat, strict=True):
             x = t.to(device=self.device, dtype=self.dtypes[sig.name]).contiguous()
-            self.context.set_input_shape(sig.name, tuple(x.shape))
-            self.context.set_tensor_address(sig.name, x.data_ptr())
+            context.set_input_shape(sig.name, tuple(x.shape))
+            context.set_tensor_address(sig.name, x.data_ptr())
             feeds.append(x)
         outs = []
         for name in self.signature.outputs:
-            y = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name], device=self.device)
-            self.context.set_tensor_address(name, y.data_ptr())
+            y = torch.empty(tuple(context.get_tensor_shape(name)), dtype=self.dtypes[name], device=self.device)
+            context.set_tensor_address(name, y.data_ptr())
             outs.append(y)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise EngineRunError("TensorRT's execute_async_v3 failed (see the TensorRT log above)")
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise EngineError("TensorRT's execute_async_v3 failed (see the TensorRT log above)")
         return outs
 
     def int8_layers(self, weights: Mapping[str, str]) -> dict[str, dict[str, Any]]:
