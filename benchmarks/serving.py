@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(
             f"{e} {t}t {rates[e][t][-1]:.1f}/s" for e in ENGINES for t in THREAD_COUNTS), flush=True)
 
+    cases = user_cases(model, tok, served, cal, batches)
     checks: dict[str, dict[str, float]] = {}
     memory: dict[str, dict[str, float]] = {}
     for engine in ENGINES:
@@ -137,10 +138,77 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"protocol": {"model": "MiniLM-L6, batch 8 x 128", "engine_threads": 2, "seconds": args.seconds,
                             "rounds": args.rounds, "calls_for_memory": args.calls},
                "throughput": {e: {t: statistics.median(v) for t, v in d.items()} for e, d in rates.items()},
-               "throughput_all": rates, "input_check": checks, "memory": memory}
+               "throughput_all": rates, "input_check": checks, "memory": memory, "cases": cases}
     write_results(args.out, "serving", payload, render(payload))
     print(render(payload))
     return 0
+
+
+def user_cases(model: Any, tok: Any, served: dict[str, Any], cal: list[dict], batches: list[dict]) -> dict[str, Any]:
+    """The cases of issue 17's table on MiniLM, per engine: what a new user gets (result or error, in words)."""
+    from torch.export import Dim
+
+    import lowbit
+
+    seq = Dim("seq", max=512)
+    shapes = ({0: Dim("batch"), 1: seq}, {0: Dim("batch"), 1: seq})
+
+    def outcome(fn: Any) -> str:
+        try:
+            fn()
+            return "ok"
+        except lowbit.LowbitError as e:
+            return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        except Exception as e:  # noqa: BLE001  a raw engine exception is what the table must not show
+            return f"raw {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+
+    vocab = int(model.config.vocab_size)
+    out: dict[str, Any] = {}
+    for engine, m in served.items():
+        row: dict[str, str] = {}
+        failed, differ = _four_threads(m, batches)
+        row["4 threads x 25 calls"] = (f"{failed} of 100 failed" if failed else "ok, 0 of 100 failed") + \
+            f"; {differ} outputs differ from serial"
+        for label, value in (("input_ids = vocab size", vocab), ("input_ids = 10^9", 10**9), ("input_ids = -1", -1)):
+            b = {k: v.clone() for k, v in batches[0].items()}
+            b["input_ids"][3, 7] = value
+            row[label] = outcome(lambda b=b, m=m: m(**b))
+        one = {k: v[:1] for k, v in batches[0].items()}
+        row["batch-1 example"] = outcome(lambda engine=engine, one=one: lowbit.compile(
+            model, one, target=engine, calibration=cal[:2], progress=False)(**batches[1]))
+        row["positional dynamic_shapes"] = outcome(lambda engine=engine: lowbit.compile(
+            model, batches[0], target=engine, calibration=cal[:2], progress=False, dynamic_shapes=shapes)(
+                **{k: v[:, :64] for k, v in batches[1].items()}))
+        out[engine] = row
+        print(engine, row, flush=True)
+    return out
+
+
+def _four_threads(m: Any, batches: list[dict]) -> tuple[int, int]:
+    """(failed calls, outputs differing from the serial ones) of 4 threads x 25 calls on one model."""
+    import torch
+
+    def first(o: Any) -> Any:
+        return o[0] if isinstance(o, tuple) else o
+
+    ref = [first(m(**b)) for b in batches]
+    failures: list[BaseException] = []
+    differ: list[int] = []
+
+    def worker(k: int) -> None:
+        for i in range(25):
+            j = (k + i) % len(batches)
+            try:
+                differ.append(int(not torch.equal(first(m(**batches[j])), ref[j])))
+            except Exception as e:  # noqa: BLE001  every failure counts, whatever its type
+                failures.append(e)
+
+    pool = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return len(failures), sum(differ)
 
 
 def _time(fn: Any, n: int) -> list[float]:
@@ -169,6 +237,12 @@ def render(p: dict[str, Any]) -> str:
         c, m = p["input_check"][e], p["memory"][e]
         lines.append(f"| {e} | {c['call_ms']:.2f} | {c['check_ms']:.4f} | {c['share']:.2%} | {m['before_mb']:.0f} "
                      f"| {m['after_mb']:.0f} | {m['growth']:+.2%} |")
+    cases = p.get("cases", {})
+    if cases:
+        engines = list(cases)
+        lines += ["", "| case | " + " | ".join(engines) + " |", "|---|" + "---|" * len(engines)]
+        for case in cases[engines[0]]:
+            lines.append(f"| {case} | " + " | ".join(cases[e][case].replace("|", "/") for e in engines) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -275,3 +275,17 @@ def test_export_needs_the_compiled_graph(llama, data, tmp_path) -> None:
     q.graph_module = None
     with pytest.raises(ExportError, match="needs the compiled graph"):
         q.export(tmp_path / "x", format="compressed-tensors")
+
+
+def test_export_from_the_causal_lm_compile_returns(llama, data, tmp_path) -> None:
+    """compile() of a causal LM returns a CausalLM whose graph is the KV-cache step graph (decode=True): it exports
+    the same checkpoint, and transformers reproduces its logits."""
+    config = lowbit.QuantConfig(target_sqnr_db=None, target_ppl_increase=None, **W4_SYM)
+    lm = lowbit.compile(llama, (data["calibration"][0][0],), calibration=data["calibration"], config=config,
+                        progress=False)
+    assert isinstance(lm, lowbit.CausalLM)
+    lm.export(tmp_path / "ct", format="compressed-tensors")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()
+    with torch.no_grad():
+        got = hf(data["evaluation"]).logits
+    assert sqnr(lm(data["evaluation"])[0], got) >= 40.0
