@@ -32,7 +32,7 @@ $(VENV)/.lowbit-llama-installed: $(STAMP)
 
 # pytest exits 5 when it collected no tests: make treats any non-zero exit as failure.
 test: install $(VENV)/.lowbit-llama-installed
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q --durations=25 tests
 
 lint: install
 	$(BIN)/ruff check lowbit tests benchmarks examples

