@@ -1,4 +1,11 @@
-"""The ``lowbit`` command: look into, verify and run saved artifacts.
+"""The ``lowbit`` command: quantize, evaluate, generate and benchmark (``lowbit/cli_llm.py``); look into, verify and
+run saved artifacts.
+
+    lowbit quantize MODEL --out DIR [--target T] [--scheme S --group-size G --weight-method M]
+                                [--calibration FILE] [--samples N --seq-len L] [--export compressed-tensors|gguf]
+    lowbit eval DIR --text FILE [--seq-len 512] [--model MODEL]
+    lowbit generate DIR "prompt" [--max-new-tokens 64] [--temperature 0]
+    lowbit bench DIR [--threads 2] [--batch 1 --prompt 128 --new 128]
 
     lowbit inspect DIR          manifest, plan summary, per-layer report (verifies hashes first)
     lowbit verify DIR           check every file against the manifest's SHA-256; exit 1 on a mismatch
@@ -86,7 +93,20 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("trt-check", help="check a QDQ ONNX against TensorRT's Q/DQ rules")
     p.add_argument("path", type=Path, help="an .onnx file or an artifact directory")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    from lowbit.cli_llm import COMMANDS, add_commands
+
+    add_commands(sub)
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)
+    if args.command in COMMANDS:  # errors: one line naming the problem, exit code 2 (a traceback with --debug)
+        try:
+            return COMMANDS[args.command](args)
+        except (LowbitError, OSError, ValueError) as e:
+            if args.debug:
+                raise
+            first = (str(e).strip().splitlines() or [""])[0]
+            print(f"lowbit {args.command}: {type(e).__name__}: {first}", file=sys.stderr)
+            return 2
     try:
         if args.command == "inspect":
             return _inspect(args.directory)
