@@ -76,14 +76,14 @@ def report_without_timings(d: Path) -> Any:
 
 
 def assert_same_build(a: Path, b: Path) -> int:
-    """Every hashed file byte-identical, manifest.json included (the pass timings live in timings.json, which the
-    manifest does not hash). Returns the scale count."""
+    """Every hashed file byte-identical, manifest.json included (the pass timings live in timings.json and the page
+    report.html, which the manifest does not hash). Returns the scale count."""
     da, db = digests(a), digests(b)
     for name in IDENTICAL:
         assert da[name] == db[name], f"{name} differs between two compiles ({a} vs {b})"
     assert report_without_timings(a) == report_without_timings(b)
     assert "timings.json" in da and "timings.json" not in json.loads((a / "manifest.json").read_text())["files"]
-    differ = sorted(k for k in da if k != "timings.json" and da[k] != db.get(k))
+    differ = sorted(k for k in da if k not in ("timings.json", "report.html") and da[k] != db.get(k))
     assert not differ, f"{differ} differ between two builds ({a} vs {b})"
     qa, qb = load_file(str(a / "qparams.safetensors")), load_file(str(b / "qparams.safetensors"))
     assert qa.keys() == qb.keys() and all(torch.equal(qa[k], qb[k]) for k in qa)

@@ -100,10 +100,10 @@ def write_artifact(directory: str | os.PathLike[str], writer: Callable[[Path], N
         if extra is not None:
             extra[1](tmp)
             manifest = {**manifest, **extra[0]}
-        _split_timings(tmp)
+        _split_timings(tmp, manifest)
         files = {}
         for p in sorted(tmp.rglob("*")):
-            if p.is_file() and p.name not in (MANIFEST, TIMINGS):
+            if p.is_file() and p.relative_to(tmp).as_posix() not in UNHASHED:
                 files[p.relative_to(tmp).as_posix()] = sha256_file(p)
         manifest = {**manifest, "format_version": FORMAT_VERSION, "files": files}
         manifest["manifest_sha256"] = _self_hash(manifest)
@@ -133,16 +133,28 @@ def write_artifact(directory: str | os.PathLike[str], writer: Callable[[Path], N
 TIMINGS = "timings.json"
 
 
-def _split_timings(tmp: Path) -> None:
+#: the human-readable page of the report (lowbit/runtime/report_html.py): it shows the timings, so it is unhashed too
+REPORT_HTML = "report.html"
+UNHASHED = (MANIFEST, TIMINGS, REPORT_HTML)
+
+
+def _split_timings(tmp: Path, manifest: Mapping[str, Any]) -> None:
+    """report.json's pass timings -> timings.json; report.html from both."""
     report = tmp / "report.json"
     if not report.is_file():
         return
+    from lowbit.runtime import report_html
+
     data = json.loads(report.read_text())
     timings = {"passes": [{"pass": p.get("pass"), "seconds": p.pop("seconds")} for p in data.get("passes", [])
                           if isinstance(p, dict) and "seconds" in p]}
     if timings["passes"]:
         write_json(report, data)
         write_json(tmp / TIMINGS, timings)
+    meta = {"kind": manifest.get("kind"), "lowbit": manifest.get("lowbit_version"),
+            "checkpoint format": manifest.get("checkpoint_format")}
+    (tmp / REPORT_HTML).write_text(report_html.render(data, timings=timings, meta=meta,
+                                                      title=f"lowbit report: {manifest.get('target') or tmp.name}"))
 
 
 def _fsync_dir(d: Path) -> None:
