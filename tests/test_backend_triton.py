@@ -144,7 +144,8 @@ def test_bert_save_and_load_without_the_model(bert_pair, tmp_path: Path) -> None
     scheme, _, tri = bert_pair
     tri.save(tmp_path / "art")
     files = sorted(p.name for p in (tmp_path / "art").iterdir())
-    assert files == ["graph.json", "manifest.json", "plan.json", "report.json", "weights.safetensors"]
+    assert files == ["graph.json", "manifest.json", "plan.json", "report.html", "report.json", "timings.json",
+                     "weights.safetensors"]
     loaded = lowbit.load(tmp_path / "art")
     assert loaded.target == "triton"
     assert loaded.report.sections["triton"] == tri.report.sections["triton"]

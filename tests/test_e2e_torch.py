@@ -178,9 +178,11 @@ def test_plan_is_json_and_reapplies(bert, bert_q):
 def test_save_and_load_reproduce_outputs_exactly(bert, bert_q, tmp_path):
     out = bert_q.save(tmp_path / "bert")
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["example_inputs.safetensors", "manifest.json", "plan.json", "qparams.safetensors", "report.json"]
+    assert files == ["example_inputs.safetensors", "manifest.json", "plan.json", "qparams.safetensors", "report.html",
+                     "report.json", "timings.json"]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["files"]) == set(files) - {"manifest.json"} and manifest["target"] == "torch"
+    assert set(manifest["files"]) == set(files) - {"manifest.json", "report.html", "timings.json"}
+    assert manifest["target"] == "torch"
     reloaded = lowbit.load(out, model=bert)
     b = bert_batch(3, 20, 11)
     assert torch.equal(reloaded(**b)[0], bert_q(**b)[0])
