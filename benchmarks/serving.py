@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
-from harness import write_results  # noqa: E402
+from harness import quick_median_ms, write_results  # noqa: E402
 
 ENGINES = ("onnxruntime-int8", "openvino-int8")
 THREAD_COUNTS = (1, 2, 4, 8)
@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     for engine in ENGINES:  # timed first, on a quiet machine; the long memory runs after
         m, b = served[engine], batches[0]
         sig = m.signature
-        call_ms = statistics.median(_time(lambda m=m, b=b: m(**b), 200))
-        check_ms = statistics.median(_time(lambda sig=sig, b=b: sig.flatten_call((), b), 2000))
+        call_ms = quick_median_ms(lambda m=m, b=b: m(**b), calls=200, warmup=10)
+        check_ms = quick_median_ms(lambda sig=sig, b=b: sig.flatten_call((), b), calls=2000, warmup=100)
         checks[engine] = {"call_ms": call_ms, "check_ms": check_ms, "share": check_ms / call_ms}
     for engine in ENGINES:
         m, b = served[engine], batches[0]
@@ -211,17 +211,6 @@ def _four_threads(m: Any, batches: list[dict]) -> tuple[int, int]:
     for t in pool:
         t.join()
     return len(failures), sum(differ)
-
-
-def _time(fn: Any, n: int) -> list[float]:
-    for _ in range(max(3, n // 20)):
-        fn()
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1000)
-    return out
 
 
 def render(p: dict[str, Any]) -> str:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import importlib.util
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import torch
 from torch import fx
 
@@ -91,3 +93,10 @@ def one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def needs_engine(target: str) -> None:
+    """Skip (with the reason) when the engine package a CPU target runs on is not installed."""
+    module = {"onnxruntime-int8": "onnxruntime", "openvino-int8": "openvino"}.get(target)
+    if module and importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed")

@@ -7,7 +7,6 @@ to be a near-tie of the reference (top-2 logit margin under ``NEAR_TIE``), so a 
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 
 import pytest
@@ -16,17 +15,13 @@ import torch
 import lowbit
 from lowbit.errors import InputError
 
+from helpers import needs_engine
+
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 128
 NEAR_TIE = 0.05  # logits of this tiny model span ~+-1; an int8-activation kernel moves them by ~1e-2
 CPU_TARGETS = ["torch", "onnxruntime-int8", "openvino-int8"]
-
-
-def _needs(target: str) -> None:
-    module = {"onnxruntime-int8": "onnxruntime", "openvino-int8": "openvino"}.get(target)
-    if module and importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +126,7 @@ def test_left_padding_equals_one_prompt_at_a_time(llama):
 def test_engine_greedy_matches_torch_reference(llama, target, scheme):
     """8 prompts x 32 new tokens on the engine against the torch reference with the same plan; the engine's
     logits against the reference's: SQNR >= 25 dB (ORT's MatMulNBits runs int8 activations, OpenVINO bf16)."""
-    _needs(target)
+    needs_engine(target)
     ids, mask = _prompts()
     ref = _compiled(llama, "torch", scheme)
     eng = _compiled(llama, target, scheme)
@@ -145,7 +140,7 @@ def test_engine_greedy_matches_torch_reference(llama, target, scheme):
 
 
 def test_onnxruntime_runs_int4_as_matmul_nbits(llama):
-    _needs("onnxruntime-int8")
+    needs_engine("onnxruntime-int8")
     eng = _compiled(llama, "onnxruntime-int8", "w4a16")
     # 7 linears x 2 layers at 4 bits, and lm_head (w8a16, per channel) as 8-bit blocks
     assert eng.report.sections["onnx_export"]["matmul_nbits"] == 15
@@ -159,7 +154,7 @@ def test_onnxruntime_runs_int4_as_matmul_nbits(llama):
 
 
 def test_openvino_keeps_int4_weights_compressed(llama):
-    _needs("openvino-int8")
+    needs_engine("openvino-int8")
     eng = _compiled(llama, "openvino-int8", "w4a16")
     layers = eng.report.sections["engine"]["layers"]
     four = [n for n, spec in eng.plan["layers"].items() if spec["scheme"] == "w4a16"]
@@ -223,7 +218,7 @@ def test_bad_inputs_are_named(llama):
 
 @pytest.mark.parametrize("target", ["onnxruntime-int8", "openvino-int8"])
 def test_saved_engine_generates_without_the_model(llama, tmp_path, target):
-    _needs(target)
+    needs_engine(target)
     eng = _compiled(llama, target, "w4a16")
     ids, mask = _prompts(3)
     before = eng.generate(ids, attention_mask=mask, max_new_tokens=16)
@@ -245,7 +240,7 @@ def test_torch_recipe_reloads_onto_the_model(llama, tmp_path):
 
 
 def test_tokenizer_travels_with_the_artifact(llama, tmp_path):
-    _needs("onnxruntime-int8")
+    needs_engine("onnxruntime-int8")
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {f"w{i}": i for i in range(VOCAB)}
@@ -264,7 +259,7 @@ def test_tokenizer_travels_with_the_artifact(llama, tmp_path):
 
 
 def test_threads_keep_their_own_cache(llama):
-    _needs("onnxruntime-int8")
+    needs_engine("onnxruntime-int8")
     eng = _compiled(llama, "onnxruntime-int8", "w8a16")
     ids, mask = _prompts(8)
     serial = [eng.generate(ids[i:i + 1], attention_mask=mask[i:i + 1], max_new_tokens=12) for i in range(8)]

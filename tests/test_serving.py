@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 
 import pytest
@@ -19,16 +18,11 @@ import torch
 import lowbit
 from lowbit.errors import InputError
 
+from helpers import needs_engine
 from models import bert_batch, tiny_bert
 
 TARGETS = ["torch", "onnxruntime-int8", "openvino-int8"]
 THREADS, CALLS = 8, 50
-
-
-def _needs(target: str) -> None:
-    module = {"onnxruntime-int8": "onnxruntime", "openvino-int8": "openvino"}.get(target)
-    if module and importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +34,7 @@ def bert():
 def served(request, bert, tmp_path_factory):
     """(target, the model reloaded from its artifact) -- what a server holds."""
     target = request.param
-    _needs(target)
+    needs_engine(target)
     q = lowbit.compile(bert, bert_batch(2, 16, 0), target=target, calibration=[bert_batch(2, 16, i) for i in range(2)],
                        progress=False)
     path = tmp_path_factory.mktemp(target) / "artifact"
@@ -100,7 +94,7 @@ def test_nan_and_inf_in_a_float_input_are_input_errors() -> None:
     net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval()
     x = torch.randn(4, 8)
     for target in TARGETS:
-        _needs(target)
+        needs_engine(target)
         q = lowbit.compile(net, (x,), target=target, calibration=[(torch.randn(4, 8),) for _ in range(2)],
                            progress=False)
         q(x)  # a call of this shape accepted first: the remembered-shape fast path checks values too
