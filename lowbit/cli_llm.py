@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.errors import LowbitError
+from lowbit.runtime.progress import step
 
 
 class CliError(LowbitError):
@@ -93,7 +94,8 @@ def text_windows(tokenizer: Any, source: Path | None, samples: int, seq_len: int
 def quantize(args: argparse.Namespace) -> int:
     import lowbit
 
-    model, tokenizer = load_model(args.model)
+    with step(f"loading {args.model}", force=True):
+        model, tokenizer = load_model(args.model)
     fields: dict[str, Any] = {"scheme": args.scheme}
     if args.group_size:
         fields.update(group_size=args.group_size, weight_granularity="per_group")
@@ -111,7 +113,8 @@ def quantize(args: argparse.Namespace) -> int:
         example: Any = load_file(str(args.example_inputs))
         calibration = [example]
     else:
-        calibration = text_windows(tokenizer, args.calibration, args.samples, args.seq_len)
+        with step("tokenizing the calibration text", force=True):
+            calibration = text_windows(tokenizer, args.calibration, args.samples, args.seq_len)
         example = (calibration[0],)
     print(f"lowbit quantize: {type(model).__name__}, {len(calibration)} calibration windows, target {args.target}",
           flush=True)
@@ -119,12 +122,14 @@ def quantize(args: argparse.Namespace) -> int:
     q = lowbit.compile(model, example, target=args.target, calibration=calibration, config=config,
                        dump_dir=args.dump_dir, tokenizer=tokenizer, threads=args.threads)
     compile_s = time.perf_counter() - t0
-    q.save(args.out)
+    with step(f"saving {args.out}", force=True):
+        q.save(args.out)
     print(q.report)
-    print(f"saved {args.out} ({compile_s:.0f} s)")
+    print(f"saved {args.out} (compiled in {compile_s:.0f} s); open {args.out / 'report.html'} in a browser")
     if args.export:
         where = Path(f"{args.out}-{args.export}")
-        q.export(where, format=args.export)
+        with step(f"exporting {args.export}", force=True):
+            q.export(where, format=args.export)
         print(f"exported {args.export}: {where}")
     return 0
 
@@ -142,7 +147,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
     from lowbit.evaluate import perplexity
 
-    lm = _load(args.directory, args.threads)
+    with step(f"loading {args.directory}", force=True):
+        lm = _load(args.directory, args.threads)
     tokenizer = getattr(lm, "tokenizer", None)
     if tokenizer is None:
         raise CliError(f"{args.directory}: the artifact holds no tokenizer (compile with tokenizer=...)")
@@ -154,7 +160,8 @@ def evaluate(args: argparse.Namespace) -> int:
     ppl = perplexity(lm, ids, seq_len=args.seq_len)
     print(f"perplexity {ppl:.3f} ({ids.numel()} tokens, windows of {args.seq_len})")
     if args.model:
-        model, _ = load_model(args.model)
+        with step(f"loading {args.model}", force=True):
+            model, _ = load_model(args.model)
         ref = perplexity(model, ids, seq_len=args.seq_len)
         print(f"float model {ref:.3f}; quantized {ppl / ref - 1:+.2%}")
     return 0

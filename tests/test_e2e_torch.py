@@ -129,7 +129,7 @@ def test_dump_files_for_every_pass(cnn_q):
     assert {"canonicalize", "fold_conv_bn", "fuse_linear_bias", "fuse_activation", "annotate",
             "insert_observers", "calibrate", "lower_qdq"} <= set(passes)
     for i, p in enumerate(passes, start=1):
-        for ext in (".txt", ".dot", ".stats.json", ".diff.html"):
+        for ext in (".txt", ".dot", ".svg", ".stats.json", ".diff.html"):
             assert f"{i:03d}_{p}{ext}" in names
     stem = {p: f"{i:03d}_{p}" for i, p in enumerate(passes, start=1)}
     stats = json.loads((Path(dump) / f"{stem['fold_conv_bn']}.stats.json").read_text())
@@ -138,6 +138,20 @@ def test_dump_files_for_every_pass(cnn_q):
     assert all(p in index for p in passes) and f"{stem['lower_qdq']}.diff.html" in index
     lowered = (Path(dump) / f"{stem['lower_qdq']}.txt").read_text()
     assert "by=lower_qdq" in lowered and "role=act_q" in lowered
+    # the picture (pure-Python layout, no Graphviz): one box per node of the graph text, one curve per edge
+    import xml.etree.ElementTree as ET
+
+    svg = ET.parse(Path(dump) / f"{stem['lower_qdq']}.svg").getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    boxes = svg.findall(f"{ns}g/{ns}rect")
+    assert len(boxes) == lowered.count("\n") and float(svg.get("width")) > 100 and float(svg.get("height")) > 100
+    edges = sum(len(n.all_input_nodes) for n in cnn_q[0].graph_module.graph.nodes) if hasattr(
+        cnn_q[0], "graph_module") else None
+    if edges is not None:
+        assert len(svg.findall(f"{ns}g/{ns}path")) == edges
+    assert (Path(dump) / "report.html").is_file()  # the report, its passes linked to these files
+    page = (Path(dump) / "report.html").read_text()
+    assert f'href="./{stem["lower_qdq"]}.svg"' in page
 
 
 def test_dump_dir_from_environment(cnn, tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,8 +45,39 @@ def _chromium() -> str:
 def artifact(tmp_path_factory):
     torch.manual_seed(0)
     model = randomize_bn(SmallResNet())
-    q = lowbit.compile(model, cnn_cal(1)[0], target="onnxruntime-int8", calibration=cnn_cal(2), progress=False)
-    return q, q.save(tmp_path_factory.mktemp("html") / "cnn")
+    root = tmp_path_factory.mktemp("html")
+    q = lowbit.compile(model, cnn_cal(1)[0], target="onnxruntime-int8", calibration=cnn_cal(2), progress=False,
+                       config=lowbit.QuantConfig(sensitivity=True), dump_dir=root / "dump")
+    q.float_model = model
+    return q, q.save(root / "cnn")
+
+
+def test_report_states_size_fidelity_on_the_engine_and_links_the_dumps(artifact) -> None:
+    from lowbit.runtime.qparams import cosine, sqnr
+
+    q, d = artifact
+    x = cnn_cal(1)[0]
+    with torch.no_grad():
+        ref, out = q.float_model(*x), q(*x)
+    fid = q.report.sections["fidelity"]
+    # measured on the ORT engine, not the reference: the same figures as an independent call (1e-6 dB)
+    assert abs(fid["sqnr_db"] - sqnr(ref, out)) < 1e-6 and abs(fid["cosine"] - cosine(ref, out)) < 1e-9
+    assert 30.0 < fid["sqnr_db"] < 80.0
+    facts = q.report.sections["model"]
+    assert facts["parameters"] == sum(p.numel() for p in q.float_model.parameters())
+    assert facts["float_bytes"] == sum(t.numel() * 4 for t in [*q.float_model.parameters(),
+                                                               *q.float_model.buffers()] if t.is_floating_point()) \
+        + sum(t.numel() * 8 for t in q.float_model.buffers() if not t.is_floating_point())
+    page = (d / "report.html").read_text()
+    size = sum(f.stat().st_size for f in d.iterdir() if f.name not in ("manifest.json", "timings.json", "report.html"))
+    assert f"{size / 1e6:.3g} MB artifact" in page and f"{facts['float_bytes'] / 1e6:.3g} MB float" in page
+    assert f"output SQNR <b>{fid['sqnr_db']:.1f} dB</b>" in page
+    assert page.count('<svg class="chart"') == 2  # per-layer error and sensitivity
+    links = re.findall(r'href="(file://[^"]+)"', page)
+    assert links and len(links) == 3 * len(q.report.passes)
+    from urllib.parse import unquote, urlparse
+
+    assert all(Path(unquote(urlparse(u).path)).is_file() for u in links)
 
 
 def test_every_artifact_carries_a_self_contained_report(artifact) -> None:

@@ -6,14 +6,13 @@ import difflib
 import html
 import json
 import os
-import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import fx
 
+from lowbit.compiler import graph_svg as graph_svg_mod
 from lowbit.compiler import meta
 from lowbit.compiler.pass_manager import Pass, PassContext, PassRecord, PassResult
 from lowbit.errors import PassError
@@ -80,25 +79,42 @@ _OP_COLORS = {
 }
 
 
+def _node_look(n: fx.Node, created: set[str]) -> tuple[list[str], str]:
+    """The label lines and fill colour of a node in the dumps' pictures (.dot and .svg)."""
+    lines = [n.name, _short_target(n)]
+    if v := _fmt_val(n):
+        lines.append(v)
+    if spec := n.meta.get(meta.SPEC):
+        lines.append(f"[{spec.scheme}]")
+    color = "palegreen" if n.name in created else _OP_COLORS.get(n.op, "white")
+    if n.meta.get(meta.QROLE):
+        color = "orange" if n.name not in created else "palegreen"
+    return lines, color
+
+
 def graph_dot(gm: fx.GraphModule, created: set[str] | None = None, title: str = "") -> str:
     created = created or set()
     lines = ["digraph G {", '  rankdir=TB; node [shape=box, style=filled, fontname="monospace", fontsize=10];']
     if title:
         lines.append(f'  label="{title}"; labelloc=t;')
     for n in gm.graph.nodes:
-        label = f"{n.name}\\n{_short_target(n)}"
-        if v := _fmt_val(n):
-            label += f"\\n{v}"
-        if spec := n.meta.get(meta.SPEC):
-            label += f"\\n[{spec.scheme}]"
-        color = "palegreen" if n.name in created else _OP_COLORS.get(n.op, "white")
-        if n.meta.get(meta.QROLE):
-            color = "orange" if n.name not in created else "palegreen"
-        lines.append(f'  "{n.name}" [label="{label}", fillcolor="{color}"];')
+        label, color = _node_look(n, created)
+        text = "\\n".join(s.replace('"', '\\"') for s in label)
+        lines.append(f'  "{n.name}" [label="{text}", fillcolor="{color}"];')
         for inp in n.all_input_nodes:
             lines.append(f'  "{inp.name}" -> "{n.name}";')
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def graph_svg(gm: fx.GraphModule, created: set[str] | None = None, title: str = "") -> str:
+    """The graph as an SVG picture, laid out in pure Python (``lowbit.compiler.graph_svg``): no Graphviz needed."""
+    created = created or set()
+    boxes = []
+    for n in gm.graph.nodes:
+        label, color = _node_look(n, created)
+        boxes.append(graph_svg_mod.Box(n.name, label, color, [i.name for i in n.all_input_nodes]))
+    return graph_svg_mod.render(boxes, title)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,12 +123,12 @@ def graph_dot(gm: fx.GraphModule, created: set[str] | None = None, title: str = 
 
 
 class DumpInstrument:
-    """Writes, per pass: NNN_name.txt, .dot (.svg when Graphviz is installed), .stats.json and a
-    before/after diff .html; at the end an index.html that lists the passes with node-count changes."""
+    """Writes, per pass: NNN_name.txt, .dot, .svg (drawn in pure Python), .stats.json and a before/after diff
+    .html; at the end an index.html that lists the passes with node-count changes."""
 
-    def __init__(self, directory: str | os.PathLike[str], render_svg: bool | None = None) -> None:
+    def __init__(self, directory: str | os.PathLike[str], render_svg: bool = True) -> None:
         self.dir = Path(directory)
-        self.render = shutil.which("dot") is not None if render_svg is None else render_svg
+        self.render = render_svg
         self.prev_text = ""
         self.prev_file = ""
         self.rows: list[dict[str, object]] = []
@@ -123,10 +139,7 @@ class DumpInstrument:
         dot = graph_dot(gm, created, title=stem)
         (self.dir / f"{stem}.dot").write_text(dot)
         if self.render:
-            subprocess.run(
-                ["dot", "-Tsvg", str(self.dir / f"{stem}.dot"), "-o", str(self.dir / f"{stem}.svg")],
-                check=False, capture_output=True, timeout=120,
-            )
+            (self.dir / f"{stem}.svg").write_text(graph_svg(gm, created, title=stem))
         self.prev_text, self.prev_file = text, f"{stem}.txt"
 
     def on_start(self, gm: fx.GraphModule, ctx: PassContext) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from lowbit.backends.registry import get_backend
 from lowbit.compiler.capture import capture, index_ranges, sequence_dynamic_shapes, without_kv_cache
@@ -32,6 +35,8 @@ from lowbit.passes.smooth_quant import SmoothQuant, reiterable
 from lowbit.runtime.export.view import ModelSource
 from lowbit.runtime.generate import CausalLM
 from lowbit.runtime.model import CompiledModel
+from lowbit.runtime.progress import step
+from lowbit.runtime.qparams import cosine, sqnr
 from lowbit.runtime.report import Report
 from lowbit.runtime.signature import Signature
 from lowbit.runtime.spec import Plan
@@ -121,12 +126,74 @@ def compile_model(
     sensitivity = ctx.notes.get("sensitivity")
     if sensitivity is not None and dump:
         sensitivity.write(dump)  # sensitivity.json and the bar chart sensitivity.png
-    compiled = (_compile_decoder(model, target, ctx, signature, options, tokenizer, dump) if causal_lm and decode
-                else backend.build(gm, ctx, captured, options))
+    with step(f"building the {target} engine", progress):
+        compiled = (_compile_decoder(model, target, ctx, signature, options, tokenizer, dump) if causal_lm and decode
+                    else backend.build(gm, ctx, captured, options))
     compiled.source = ModelSource.of(model)
     if compiled._tokenizer is None:
         compiled._tokenizer = tokenizer
+    report = compiled.report
+    report.sections["model"] = model_facts(model)
+    if not options.get("decode_graph"):  # a causal LM's step graph: its model measures the whole
+        report.sections["fidelity"] = measure_fidelity(compiled, captured, example_out, causal_lm and decode)
+    if dump:
+        report.sections["dump"] = {"dir": os.path.abspath(dump),
+                                   "passes": {r.name: f"{r.index:03d}_{r.name}" for r in manager.records}}
+        write_report_page(report, dump)
     return compiled
+
+
+def model_facts(model: torch.nn.Module) -> dict[str, Any]:
+    """The float model's class, parameter count and bytes (parameters and buffers, each tensor once)."""
+    seen: dict[int, torch.Tensor] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        seen.setdefault(id(t), t)
+    params = {id(p) for p in model.parameters()}
+    return {"class": type(model).__name__,
+            "parameters": int(sum(t.numel() for k, t in seen.items() if k in params)),
+            "float_bytes": int(sum(t.numel() * t.element_size() for t in seen.values()))}
+
+
+def measure_fidelity(compiled: CompiledModel, captured: Any, example_out: Any, causal_lm: bool) -> dict[str, Any]:
+    """How far the compiled engine is from the float model on the compile example (one call): perplexity of its
+    tokens for a causal LM, else SQNR and cosine of all floating-point outputs together."""
+    from lowbit.evaluate import logits_of, token_nll
+
+    with torch.no_grad():
+        out = compiled(*captured.args, **captured.kwargs)
+    where = "the compile example"
+    if causal_lm:
+        flat = [t for t in pytree.tree_leaves((captured.args, captured.kwargs)) if isinstance(t, torch.Tensor)]
+        ids = next(t for t in flat if not t.is_floating_point())
+        if ids.shape[-1] < 2:
+            return {"metric": "perplexity", "on": where, "note": "the example has one token: nothing to score"}
+        nll = [float(token_nll(logits_of(o), ids).double().mean()) for o in (example_out, out)]
+        return {"metric": "perplexity", "float": math.exp(nll[0]), "quantized": math.exp(nll[1]),
+                "tokens": int(ids.numel()), "on": where}
+
+    def floats(o: Any) -> torch.Tensor:
+        leaves = [t.detach().double().flatten() for t in pytree.tree_leaves(logits_or(o))
+                  if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        return torch.cat(leaves) if leaves else torch.zeros(0, dtype=torch.float64)
+
+    ref, test = floats(example_out), floats(out)
+    if ref.numel() == 0 or ref.shape != test.shape:
+        return {"metric": "sqnr_db", "on": where, "note": "no floating-point outputs to compare"}
+    return {"metric": "sqnr_db", "sqnr_db": sqnr(ref, test), "cosine": cosine(ref, test), "on": where}
+
+
+def logits_or(out: Any) -> Any:
+    """A Hugging Face ModelOutput as its tensors (a dict's values), anything else as is."""
+    return list(out.values()) if hasattr(out, "values") and hasattr(out, "keys") else out
+
+
+def write_report_page(report: Report, directory: str | os.PathLike[str]) -> None:
+    """report.html in the dump directory, its passes linked to their dumps there."""
+    from lowbit.runtime import report_html
+
+    data = report.to_json()
+    page = report_html.render(data, title=f"lowbit report: {report.target}", dump_dir=".")
+    (Path(directory) / "report.html").write_text(page)
 
 
 def _compile_decoder(model: torch.nn.Module, target: str, ctx: PassContext, signature: Signature,

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from tqdm.auto import tqdm
 
 from lowbit.compiler.graph import (
     assign_layer_names,
@@ -194,7 +195,8 @@ class AWQ(Pass):
         interp = _AbsMeanInterpreter(gm, {g.x.name: g for g in groups})
         stream_calibration(interp, ctx, "lowbit awq statistics")
         no_clip = {n for n, node in layers.items() if feeds_attention_scores(node)}
-        for g in groups:
+        for g in tqdm(groups, desc="lowbit awq scales and clipping", unit="group", leave=False,
+                      disable=None if ctx.progress else True):
             key = g.x.name
             if key not in interp.rows:
                 continue

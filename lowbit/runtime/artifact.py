@@ -151,8 +151,9 @@ def _split_timings(tmp: Path, manifest: Mapping[str, Any]) -> None:
     if timings["passes"]:
         write_json(report, data)
         write_json(tmp / TIMINGS, timings)
+    size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file() and f.name not in UNHASHED)
     meta = {"kind": manifest.get("kind"), "lowbit": manifest.get("lowbit_version"),
-            "checkpoint format": manifest.get("checkpoint_format")}
+            "checkpoint format": manifest.get("checkpoint_format"), "artifact_bytes": size}
     (tmp / REPORT_HTML).write_text(report_html.render(data, timings=timings, meta=meta,
                                                       title=f"lowbit report: {manifest.get('target') or tmp.name}"))
 

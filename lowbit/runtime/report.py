@@ -62,6 +62,14 @@ class Report:
 
     def __str__(self) -> str:
         parts = [self.summary(), self.table()]
+        fid = self.sections.get("fidelity") or {}
+        if "quantized" in fid:
+            parts.append(f"\nfidelity on the engine: perplexity {_fmt(fid['quantized'])} against float "
+                         f"{_fmt(fid['float'])} ({fid['quantized'] / fid['float'] - 1:+.2%}) on {fid['on']} "
+                         f"({fid['tokens']} tokens)")
+        elif "sqnr_db" in fid:
+            parts.append(f"\nfidelity on the engine: output SQNR {_fmt(fid['sqnr_db'])} dB, cosine "
+                         f"{fid['cosine']:.5f} against the float model on {fid['on']}")
         plan = self.sections.get("plan")
         if plan:
             parts.append(f"\nplan: {plan['metric']} {_fmt(plan['fidelity'])} (target {_fmt(plan['target'])}; "

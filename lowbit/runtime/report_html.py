@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from lowbit.runtime.report import COLUMNS
@@ -66,6 +67,38 @@ def _cell(v: Any) -> str:
     return f"<td>{_e('-' if v is None else v)}</td>"
 
 
+def _fmt(v: Any) -> str:
+    n = _num(v)
+    return str(v) if n is None else ("inf" if math.isinf(n) else f"{n:.4g}")
+
+
+def _mb(n: Any) -> str:
+    return f"{float(n) / 1e6:.3g} MB"
+
+
+def fidelity_text(sections: Mapping[str, Any]) -> str:
+    """The fidelity figures the compile measured: on the engine (the compile example), and the plan's search."""
+    parts = []
+    f = sections.get("fidelity") or {}
+    if f.get("metric") == "perplexity" and "quantized" in f:
+        parts.append(f"perplexity <b>{f['quantized']:.4g}</b> vs float {f['float']:.4g} "
+                     f"({f['quantized'] / f['float'] - 1:+.2%}) on {_e(f.get('on'))} ({f.get('tokens')} tokens)")
+    elif "sqnr_db" in f:
+        db = _num(f["sqnr_db"])
+        parts.append(f"output SQNR <b>{'inf' if db is not None and math.isinf(db) else f'{db:.1f}'} dB</b>, "
+                     f"cosine <b>{float(f['cosine']):.5f}</b> against the float model on {_e(f.get('on'))}")
+    elif f.get("note"):
+        parts.append(_e(f["note"]))
+    plan = sections.get("plan")
+    if plan:
+        if "float_ppl" in plan:
+            parts.append(f"plan: perplexity {plan['ppl']:.4g} vs float {plan['float_ppl']:.4g} on the fidelity batches")
+        else:
+            parts.append(_e(f"plan: {plan.get('metric')} {_fmt(plan.get('fidelity'))} (target {_fmt(plan.get('target'))}) "
+                            "on the reference"))
+    return "; ".join(parts) or "not measured"
+
+
 def bar_chart(values: Sequence[tuple[str, float]], title: str, unit: str, width: int = 900,
               height: int = 220) -> str:
     """An inline SVG bar chart, one bar per (label, value) in order: the x axis is the layer index."""
@@ -97,7 +130,17 @@ def render(report: Mapping[str, Any], *, timings: Mapping[str, Any] | None = Non
     engine = sections.get("engine") or {}
     seconds = {p.get("pass"): p.get("seconds") for p in (timings or {}).get("passes", [])}
     head = [f"<h1>{_e(title)}</h1>", '<p class="meta">']
-    facts = {"target": report.get("target"), **dict(meta or {})}
+    facts: dict[str, Any] = {"target": report.get("target")}
+    model = sections.get("model") or {}
+    if model:
+        facts["model"] = f"{model.get('class')} ({int(model.get('parameters', 0)) / 1e6:.3g} M parameters)"
+    facts.update(dict(meta or {}))
+    size_after = facts.pop("artifact_bytes", None)
+    if model.get("float_bytes"):
+        size = f"{_mb(model['float_bytes'])} float"
+        if size_after:
+            size += f" &rarr; {_mb(size_after)} artifact ({float(size_after) / float(model['float_bytes']):.0%})"
+        facts["size"] = size
     if engine:
         facts["engine"] = engine.get("engine")
         facts["integer share of quantized MACs"] = f"{float(engine.get('int8_share', 0.0)):.1%}"
@@ -105,18 +148,24 @@ def render(report: Mapping[str, Any], *, timings: Mapping[str, Any] | None = Non
     for r in layers:
         counts[str(r.get("scheme"))] = counts.get(str(r.get("scheme")), 0) + 1
     facts["layers"] = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "0"
-    head.append(" &middot; ".join(f"{_e(k)}: <b>{_e(v)}</b>" for k, v in facts.items() if v is not None))
+    total = sum(float(v or 0.0) for v in seconds.values()) or sum(float(p.get("seconds") or 0.0)
+                                                                  for p in report.get("passes", []))
+    if total:
+        facts["compile (passes)"] = f"{total:.2f} s"
+    head.append(" &middot; ".join(f"{_e(k)}: <b>{v if k == 'size' else _e(v)}</b>" for k, v in facts.items()
+                                  if v is not None))
     head.append("</p>")
-    plan = sections.get("plan")
-    if plan:
-        fid = f"{plan.get('metric')} {plan.get('fidelity')} (target {plan.get('target')})"
-        if "float_ppl" in plan:
-            fid = f"perplexity {plan['ppl']:.4g} vs float {plan['float_ppl']:.4g} on the fidelity batches"
-        head.append(f"<p>fidelity: {_e(fid)}</p>")
+    head.append(f'<p id="fidelity">fidelity: {fidelity_text(sections)}</p>')
 
     cols = [c for c in COLUMNS if any(c[0] in r for r in layers)]
     if any("checkpoint" in r for r in layers):
         cols.append(("checkpoint", "checkpoint"))
+    awq = sections.get("awq") or {}
+    if awq:  # AWQ's scale source beside SmoothQuant's: the ratio searched and where the scale folded
+        layers = [{**r, "awq": (f"ratio {awq[r['layer']].get('ratio')} -> "
+                               f"{str(awq[r['layer']].get('folded_into')).split()[0]}" if r.get("layer") in awq
+                               else None)} for r in layers]
+        cols.insert(next((i + 1 for i, c in enumerate(cols) if c[0] == "smoothquant"), len(cols)), ("awq", "AWQ"))
     rows = []
     for i, r in enumerate(layers):
         cls = "layer float" if r.get("scheme") == "float" else "layer"
@@ -127,18 +176,27 @@ def render(report: Mapping[str, Any], *, timings: Mapping[str, Any] | None = Non
              "</tbody></table>")
 
     charts = [bar_chart([(r["layer"], _num(r.get("weight_sqnr_db")) or 0.0) for r in layers
-                         if _num(r.get("weight_sqnr_db")) is not None], "weight SQNR per layer", "dB")]
+                         if _num(r.get("weight_sqnr_db")) is not None],
+                        "per-layer error: weight SQNR (higher is better)", "dB")]
     sens = sections.get("sensitivity") or {}
-    sens_rows = sens.get("layers") if isinstance(sens, Mapping) else None
-    if isinstance(sens_rows, Mapping):
-        values = [(k, _num(v.get("sqnr_db") if isinstance(v, Mapping) else v)) for k, v in sens_rows.items()]
-        charts.append(bar_chart([(k, v) for k, v in values if v is not None],
-                                "sensitivity: output SQNR with only this layer quantized", "dB"))
+    if isinstance(sens, Mapping) and isinstance(sens.get("layers"), list) and sens["layers"]:
+        gain = {str(r.get("layer")): _num(r.get("float_gain")) for r in sens["layers"] if isinstance(r, Mapping)}
+        order = [r["layer"] for r in layers if r.get("layer") in gain] or list(gain)
+        charts.append(bar_chart([(k, gain[k] or 0.0) for k in order],
+                                f"sensitivity: {sens.get('metric')} gained by keeping only this layer float",
+                                str(sens.get("unit", ""))))
 
+    dump = sections.get("dump") or {}
+    stems = dict(dump.get("passes") or {})
+    base = dump_dir or (Path(dump["dir"]).as_uri() if dump.get("dir") else None)
     passes = []
     for p in report.get("passes", []):
         name = str(p.get("pass"))
-        link = f' (<a href="{_e(dump_dir)}/{_e(name)}">dump</a>)' if dump_dir else ""
+        stem = stems.get(name)
+        link = ""
+        if stem and base:
+            link = " (" + ", ".join(f'<a href="{_e(base)}/{_e(stem)}{ext}">{label}</a>' for ext, label in
+                                    ((".svg", "graph"), (".txt", "text"), (".diff.html", "diff"))) + ")"
         sec = seconds.get(name, p.get("seconds"))
         stats = ", ".join(f"{k} {v}" for k, v in (p.get("stats") or {}).items())
         passes.append(f"<tr><td>{_e(name)}{link}</td>{_cell(sec)}<td class='num'>{_e(p.get('nodes_before'))} &rarr; "
