@@ -3,7 +3,7 @@ run saved artifacts.
 
     lowbit quantize MODEL --out DIR [--target T] [--scheme S --group-size G --weight-method M]
                                 [--calibration FILE] [--samples N --seq-len L] [--export compressed-tensors|gguf]
-    lowbit eval DIR --text FILE [--seq-len 512] [--model MODEL]
+    lowbit eval DIR [--text FILE] [--seq-len 512] [--model MODEL]
     lowbit generate DIR "prompt" [--max-new-tokens 64] [--temperature 0]
     lowbit bench DIR [--threads 2] [--batch 1 --prompt 128 --new 128]
 

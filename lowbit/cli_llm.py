@@ -27,10 +27,22 @@ class CliError(LowbitError):
 
 
 # -- models and data -------------------------------------------------------------------------------------------
+def check_model(spec: str) -> None:
+    """The errors ``load_model`` can tell before loading anything (so they come before the progress line)."""
+    path = Path(spec)
+    if ":" in spec and not path.exists():
+        return
+    if not path.exists():
+        raise CliError(f"MODEL {spec!r}: no such folder or file (lowbit reads local models only; nothing is downloaded)")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise CliError(f"MODEL {spec!r}: a Hugging Face folder needs config.json")
+
+
 def load_model(spec: str) -> tuple[Any, Any]:
     """(model, tokenizer or None) from a folder, a .gguf file, or ``package.module:factory``."""
     import torch
 
+    check_model(spec)
     path = Path(spec)
     if ":" in spec and not path.exists():
         module, _, factory = spec.partition(":")
@@ -39,13 +51,9 @@ def load_model(spec: str) -> tuple[Any, Any]:
         except (ImportError, AttributeError) as e:
             raise CliError(f"MODEL {spec!r}: cannot import {factory!r} from {module!r} ({e})") from e
         return fn().eval(), None
-    if not path.exists():
-        raise CliError(f"MODEL {spec!r}: no such folder or file (lowbit reads local models only; nothing is downloaded)")
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     folder, gguf = (str(path.parent), path.name) if path.is_file() else (str(path), None)
-    if gguf is None and not (path / "config.json").is_file():
-        raise CliError(f"MODEL {spec!r}: a Hugging Face folder needs config.json")
     kwargs = {"gguf_file": gguf} if gguf else {}
     config = AutoConfig.from_pretrained(folder, **kwargs)
     causal = any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or [])) or gguf
@@ -94,6 +102,7 @@ def text_windows(tokenizer: Any, source: Path | None, samples: int, seq_len: int
 def quantize(args: argparse.Namespace) -> int:
     import lowbit
 
+    check_model(args.model)
     with step(f"loading {args.model}", force=True):
         model, tokenizer = load_model(args.model)
     fields: dict[str, Any] = {"scheme": args.scheme}
@@ -147,19 +156,28 @@ def evaluate(args: argparse.Namespace) -> int:
 
     from lowbit.evaluate import perplexity
 
+    if not args.directory.is_dir():
+        raise CliError(f"{args.directory}: no such artifact directory")
     with step(f"loading {args.directory}", force=True):
         lm = _load(args.directory, args.threads)
     tokenizer = getattr(lm, "tokenizer", None)
     if tokenizer is None:
         raise CliError(f"{args.directory}: the artifact holds no tokenizer (compile with tokenizer=...)")
-    if not args.text.is_file():
+    if args.text is None:
+        from lowbit.evaluate import pydoc_text
+
+        text = pydoc_text("evaluation")
+    elif not args.text.is_file():
         raise CliError(f"--text {args.text}: no such file")
-    ids = torch.tensor(tokenizer(args.text.read_text())["input_ids"], dtype=torch.long)
+    else:
+        text = args.text.read_text()
+    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     if args.max_tokens:
         ids = ids[: args.max_tokens]
     ppl = perplexity(lm, ids, seq_len=args.seq_len)
     print(f"perplexity {ppl:.3f} ({ids.numel()} tokens, windows of {args.seq_len})")
     if args.model:
+        check_model(args.model)
         with step(f"loading {args.model}", force=True):
             model, _ = load_model(args.model)
         ref = perplexity(model, ids, seq_len=args.seq_len)
@@ -255,7 +273,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=2, help="engine threads")
     p = sub.add_parser("eval", formatter_class=d, help="perplexity of a causal-LM artifact on a text file")
     p.add_argument("directory", type=Path)
-    p.add_argument("--text", type=Path, required=True, help="a text file")
+    p.add_argument("--text", type=Path, default=None, help="a text file; default: the evaluation split of "
+                   "pydoc_data.topics (disjoint from the default calibration split)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate the first N tokens only")
     p.add_argument("--model", default=None, help="also the float model's perplexity (its folder)")
