@@ -105,15 +105,18 @@ def quantize(args: argparse.Namespace) -> int:
     check_model(args.model)
     with step(f"loading {args.model}", force=True):
         model, tokenizer = load_model(args.model)
-    fields: dict[str, Any] = {"scheme": args.scheme}
+    fields: dict[str, Any] = {"scheme": args.scheme or "w8a8"}
     if args.group_size:
         fields.update(group_size=args.group_size, weight_granularity="per_group")
     if args.export == "gguf" and args.group_size == 32:  # GGUF's output layer in Q8_0 blocks of 32 as well
         fields["overrides"] = {"lm_head": {"scheme": "w8a16", "weight_granularity": "per_group", "group_size": 32}}
     if args.weight_method:
         fields["weight_method"] = args.weight_method
-    if args.target_ppl_increase is not None:
-        fields["target_ppl_increase"] = None if args.target_ppl_increase < 0 else args.target_ppl_increase
+    budget = args.target_ppl_increase
+    if budget is None and args.scheme is not None:  # a scheme asked for by name: that scheme, no search
+        budget = -1.0
+    if budget is not None:
+        fields["target_ppl_increase"] = None if budget < 0 else budget
         fields["target_sqnr_db"] = None
     config = lowbit.QuantConfig(**fields)
     if args.example_inputs:
@@ -257,7 +260,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("model", help="a Hugging Face folder, a .gguf file, or package.module:factory")
     p.add_argument("--out", type=Path, required=True, help="artifact directory")
     p.add_argument("--target", default="onnxruntime-int8", help="onnxruntime-int8, openvino-int8, torch, triton, tensorrt-int8")
-    p.add_argument("--scheme", default="w8a8", help="w8a8, w8a8_dynamic, w8a8_llm_int8, w8a16, w4a16")
+    p.add_argument("--scheme", default=None, help="w8a8, w8a8_dynamic, w8a8_llm_int8, w8a16, w4a16: every layer "
+                   "in this scheme (no plan search unless --target-ppl-increase); default: lowbit's plan, int8 "
+                   "layers promoted until a causal LM is within 1%% of its float perplexity")
     p.add_argument("--group-size", type=int, default=None, help="per-group weights (w4a16: 32, 64, 128)")
     p.add_argument("--weight-method", default=None, help="rtn, gptq, awq, awq+gptq")
     p.add_argument("--calibration", type=Path, default=None, help=".txt, .jsonl (text field) or .safetensors "
@@ -265,7 +270,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--samples", type=int, default=128, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--target-ppl-increase", type=float, default=None,
-                   help="perplexity budget for the automatic plan (negative: off); default: the config's")
+                   help="perplexity budget for the automatic plan (0.01: +1%%; negative: off); default: 0.01 "
+                   "for causal LMs without --scheme, off with it")
     p.add_argument("--export", choices=("compressed-tensors", "gguf"), default=None,
                    help="also write this checkpoint next to the artifact (OUT-FORMAT)")
     p.add_argument("--example-inputs", type=Path, default=None, help="for package.module:factory models")
