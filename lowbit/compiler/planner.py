@@ -344,7 +344,10 @@ class PlanPrecision(Pass):
         for node in annotated_nodes(gm):
             spec = node.meta[meta.SPEC]
             x = node.args[0]
-            observed = observer_of(gm, x) is not None
+            # observed *as this layer's input*: an observer another layer placed there (the previous conv's
+            # output, a residual add's) may stay in front of a float or weight-only layer
+            name = node.meta[meta.LAYER]
+            observed = observer_of(gm, x) is not None and f"{name}:input" in x.meta.get(meta.OBSERVES, [])
             static = spec.activation is not None and not spec.activation.dynamic
             if observed != static:
                 problems.append(f"layer {node.meta[meta.LAYER]}: scheme {spec.scheme} but its input is "

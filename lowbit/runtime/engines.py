@@ -1,15 +1,24 @@
 """Engine runners for ONNX artifacts (ONNX Runtime, OpenVINO) and the proof that INT8 really runs.
 
-A runner takes the flat input tensors and returns torch tensors. ``int8_layers()`` reports, per
-quantized layer, which kernel the engine chose and whether it is an integer kernel:
+A runner takes the flat input tensors and returns torch tensors. ``int8_layers()`` reports, per layer,
+the kernel the engine executes for the node that does the layer's multiply-accumulates (its *MAC node*)
+and whether that kernel computes in integers. It reads what runs, never what was asked for:
 
-- ONNX Runtime: the graph ORT actually runs (its optimized model, written once at session creation):
-  the node that consumes a layer's int8 weight, directly or through its DequantizeLinear.
-- OpenVINO: the compiled model's runtime graph (``get_runtime_model()``): each executed layer's
-  ``runtimePrecision`` and the original ONNX nodes fused into it (``originalLayersNames``).
+- ONNX Runtime: the graph ORT actually runs (its optimized model, written once at session creation).
+  The MAC node is the first compute node reached from the layer's weight through its DequantizeLinear
+  and data-movement ops (Transpose, Reshape); a Conv that ORT left fed by DequantizeLinear outputs
+  runs in float and reads ``Conv``, int8 False.
+- OpenVINO: the runtime graph of the compiled model that serves the compile example's shape (the
+  static one when there is one), read after one inference, when every primitive is chosen. The MAC
+  node is the executed Convolution / FullyConnected / MatMul that holds the layer's ONNX compute node
+  among its ``originalLayersNames``; its kernel is ``layerType:primitiveType`` (oneDNN's name, e.g.
+  ``brgconv_avx512_dw_I8`` or ``brgconv_avx512_1x1_bf16``). Integer means the primitive computes in
+  I8 *and* the node's real input element types are u8/i8 activations with i8/u8 weights;
+  ``runtimePrecision`` alone is not evidence (it names the input precision, not the kernel), nor is
+  another node that merely lists the layer's name (a fused quantize of the next layer).
 
 ONNX node names carry the layer: the weight DQ is ``<layer>/weight_dq`` and its consumer
-``<layer>/<OpType>``, so both engines' reports map back to the plan's layer names.
+``<layer>/<OpType>``; float layers are found from their weight initializer the same way.
 """
 
 from __future__ import annotations
@@ -32,13 +41,50 @@ ORT_INT8_OPS = {
     "DynamicQuantizeMatMul", "QAttention", "MatMulNBits",
 }
 OV_INT8_PRECISIONS = {"u8", "i8"}
+#: ONNX ops a layer's weight passes through before its compute node (dequantized, transposed, reshaped)
+WEIGHT_PATH_OPS = {"DequantizeLinear", "Transpose", "Reshape", "Cast", "Squeeze", "Unsqueeze", "Identity", "Flatten"}
+#: ONNX ops (standard and ORT's fused/contrib ones) that do a layer's multiply-accumulates
+ONNX_MAC_OPS = ORT_INT8_OPS | {"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm",
+                               "NhwcConv", "QLinearConvTranspose", "Attention", "MultiHeadAttention"}
+#: OpenVINO runtime-graph layer types that do a layer's multiply-accumulates
+OV_MAC_TYPES = {"Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul",
+                "FullyConnectedCompressed", "GatherCompressed"}
 
 
 def _layer_of(node_name: str) -> str | None:
     if "/" not in node_name:
         return None
-    layer, _, tail = node_name.rpartition("/")
+    layer, _, tail = node_name.partition("/")
     return layer if tail and not tail.startswith("weight_dq") else None
+
+
+def mac_nodes(model: Any, layers_by_weight: Mapping[str, str]) -> dict[str, Any]:
+    """layer -> the ONNX node that does its multiply-accumulates: from the weight initializer, through
+    DequantizeLinear and data-movement ops, the first compute node (else the first other consumer)."""
+    consumers: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    out: dict[str, Any] = {}
+    for weight, layer in layers_by_weight.items():
+        frontier, seen, others = [weight], set(), []
+        found = None
+        while frontier and found is None:
+            for n in consumers.get(frontier.pop(0), []):
+                if id(n) in seen:
+                    continue
+                seen.add(id(n))
+                if n.op_type in WEIGHT_PATH_OPS:
+                    frontier.extend(n.output)
+                elif n.op_type in ONNX_MAC_OPS:
+                    found = n
+                    break
+                else:
+                    others.append(n)
+        node = found if found is not None else (others[0] if others else None)
+        if node is not None:
+            out[layer] = node
+    return out
 
 
 class OrtRunner:
@@ -51,6 +97,7 @@ class OrtRunner:
         except ImportError as e:
             raise BackendNotAvailable("target 'onnxruntime-int8' needs onnxruntime: pip install onnxruntime") from e
         self.signature = signature
+        self.model_path = Path(model_path)
         self._tmp = tempfile.TemporaryDirectory(prefix="lowbit-ort-")
         self.optimized_path = Path(self._tmp.name) / "optimized.onnx"
         so = ort.SessionOptions()
@@ -76,26 +123,34 @@ class OrtRunner:
         return {layer: node.op_type for layer, node in self._kernel_nodes(layers_by_weight).items()}
 
     def _kernel_nodes(self, layers_by_weight: Mapping[str, str]) -> dict[str, Any]:
+        """layer -> the node of ORT's optimized graph that does its MACs. Found from the weight; where ORT
+        rewrote the weight (a float Conv in the NCHWc layout reads a reordered copy), from the original compute
+        node's other initializers (its bias) or the producer of its output, behind layout ops."""
         import onnx
 
-        model = onnx.load(str(self.optimized_path), load_external_data=False)
-        inits = {t.name for t in model.graph.initializer}
-        producers = {o: n for n in model.graph.node for o in n.output}
-        out: dict[str, Any] = {}
-        for node in model.graph.node:
-            if node.op_type in ("DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"):
-                continue
-            for name in node.input:
-                src = producers.get(name)
-                weight = name if name in inits else (src.input[0] if src is not None and src.op_type ==
-                                                     "DequantizeLinear" and src.input[0] in inits else None)
-                layer = layers_by_weight.get(weight) if weight else None
-                if layer is not None:
-                    out[layer] = node
-        return out
+        optimized = onnx.load(str(self.optimized_path), load_external_data=False)
+        found = mac_nodes(optimized, layers_by_weight)
+        missing = {w: layer for w, layer in layers_by_weight.items()
+                   if layer not in found or found[layer].op_type not in ONNX_MAC_OPS}
+        if not missing:
+            return found
+        original = mac_nodes(onnx.load(str(self.model_path), load_external_data=False), missing)
+        inits = {t.name for t in optimized.graph.initializer}
+        producers = {o: n for n in optimized.graph.node for o in n.output}
+        for layer, node in original.items():
+            by_init = [n for n in optimized.graph.node if n.op_type in ONNX_MAC_OPS
+                       and any(i in inits and i in n.input for i in node.input[2:])]
+            src = producers.get(node.output[0]) if node.output else None
+            while src is not None and src.op_type in ("ReorderOutput", "Transpose") and src.input:
+                src = producers.get(src.input[0])
+            hit = by_init[0] if by_init else (src if src is not None and src.op_type in ONNX_MAC_OPS else None)
+            if hit is not None:
+                found[layer] = hit
+        return found
 
     def int8_layers(self, weights: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-        """Per layer: the op ORT runs, whether it computes in integers, and the weights it reads."""
+        """Per layer (``{layer: weight initializer}``): the op ORT runs for its MACs, whether it computes in
+        integers, and the weights it reads. A layer ORT left as float Conv/MatMul reads that op, int8 False."""
         import onnx
 
         nodes = self._kernel_nodes({w: layer for layer, w in weights.items()})
@@ -131,6 +186,7 @@ class OpenVinoRunner:
             raise BackendNotAvailable(
                 'target \'openvino-int8\' needs OpenVINO: pip install "lowbit[openvino]"') from e
         self.signature = signature
+        self.model_path = Path(model_path)
         core = ov.Core()
         config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         model = core.read_model(str(model_path))
@@ -176,37 +232,84 @@ class OpenVinoRunner:
         finally:
             idle.put(request)
 
-    def _executed(self, with_types: bool = False) -> Iterator[Any]:
-        """(original ONNX node names, layer type, runtime precision[, input element types]) of each node of
-        the compiled model."""
-        for op in self.compiled.get_runtime_model().get_ordered_ops():
-            info = op.get_rt_info()
-            names = info["originalLayersNames"].astype(str) if "originalLayersNames" in info else ""
-            kind = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
-            prec = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "?"
-            if with_types:
-                yield names, kind, prec, [i.get_element_type().get_type_name() for i in op.inputs()]
-            else:
-                yield names, kind, prec
+    def serving(self) -> Any:
+        """The compiled model that serves calls of the compile example's shape (the static one if any)."""
+        return self.static if self.static is not None else self.compiled
+
+    def _runtime_ops(self) -> list[Any]:
+        """The serving model's runtime graph, after one inference when its input shapes are static: OpenVINO
+        chooses some primitives at the first inference (a FullyConnected reads ``undef_I8`` before it)."""
+        compiled = self.serving()
+        if not getattr(self, "_warmed", False) and all(i.get_partial_shape().is_static for i in compiled.inputs):
+            request = compiled.create_infer_request()
+            for i, port in enumerate(compiled.inputs):
+                dtype = port.get_element_type().to_dtype()
+                request.set_input_tensor(i, self._ov.Tensor(np.zeros(list(port.get_shape()), dtype=dtype)))
+            try:
+                request.infer()
+                self._warmed = True
+            except RuntimeError:  # an input zeros cannot be (none known): report what is chosen so far
+                pass
+        return list(compiled.get_runtime_model().get_ordered_ops())
+
+    @staticmethod
+    def _info(op: Any) -> dict[str, Any]:
+        info = op.get_rt_info()
+
+        def get(key: str, default: str) -> str:
+            return info[key].astype(str) if key in info else default
+
+        return {"names": [n.strip() for n in get("originalLayersNames", "").split(",") if n.strip()],
+                "kind": get("layerType", op.get_type_name()), "precision": get("runtimePrecision", "?"),
+                "primitive": get("primitiveType", ""),
+                "types": [i.get_element_type().get_type_name() for i in op.inputs()]}
+
+    def _executed(self) -> Iterator[tuple[str, str, str]]:
+        """(original ONNX node names, layer type, runtime precision) of each node the serving model runs."""
+        for op in self._runtime_ops():
+            i = self._info(op)
+            yield ",".join(i["names"]), i["kind"], i["precision"]
 
     def int8_layers(self, weights: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-        """Per layer: the executed node's type and precision, whether it computes in integers (its
-        activations arrive as u8/i8), and the element type of the weights it reads (``int4`` when OpenVINO
-        kept a 4-bit weight compressed and decompresses it in the FullyConnected kernel)."""
-        found: dict[str, dict[str, Any]] = {}
-        for names, kind, prec, types in self._executed(with_types=True):
-            if kind in ("Const", "Reorder", "Input", "Parameter", "Output", "Result"):
-                continue
-            for original in names.split(","):
-                layer = _layer_of(original.strip())
-                if layer in weights and (layer not in found or not found[layer]["int8"]):
-                    act = types[0] if types else "?"
-                    weight = types[1] if len(types) > 1 else "?"
-                    found[layer] = {"kernel": f"{kind}:{prec}",
-                                    "int8": prec in OV_INT8_PRECISIONS and act in ("u8", "i8"),
-                                    "weights": {"i4": "int4", "u4": "uint4", "i8": "int8", "u8": "uint8"}.get(
-                                        weight, "float" if weight in ("f32", "bf16", "f16") else weight)}
-        return {layer: found.get(layer, {"kernel": "?", "int8": False, "weights": "?"}) for layer in weights}
+        """Per layer (``{layer: weight initializer}``): the executed MAC node's ``layerType:primitiveType``,
+        its compute precision, whether it computes in integers (an I8 primitive reading u8/i8 activations and
+        i8/u8 weights), and the element type of the weights it reads (``int4`` when OpenVINO kept a 4-bit
+        weight compressed and decompresses it in the FullyConnected kernel)."""
+        import onnx
+
+        onnx_nodes = mac_nodes(onnx.load(str(self.model_path), load_external_data=False),
+                               {w: layer for layer, w in weights.items()})
+        ops = [self._info(op) for op in self._runtime_ops()]
+        ops = [i for i in ops if i["kind"] not in ("Const", "Reorder", "Input", "Parameter", "Output", "Result")]
+        out: dict[str, dict[str, Any]] = {}
+        for layer in weights:
+            node = onnx_nodes.get(layer)
+            name = node.name if node is not None else f"{layer}/"
+            named = [i for i in ops if any(n == name or n.startswith(name.rstrip("/") + "/") for n in i["names"])]
+            if not named:  # the compute node renamed: any executed node of the layer's own names
+                named = [i for i in ops if any(_layer_of(n) == layer for n in i["names"])]
+            mac = next((i for i in named if i["kind"] in OV_MAC_TYPES), named[0] if named else None)
+            out[layer] = self._entry(mac)
+        return out
+
+    @staticmethod
+    def _entry(mac: Mapping[str, Any] | None) -> dict[str, Any]:
+        if mac is None:
+            return {"kernel": "?", "int8": False, "weights": "?", "precision": "?"}
+        primitive = mac["primitive"]
+        tail = primitive.rsplit("_", 1)[-1].lower() if "_" in primitive else ""
+        if primitive.startswith(("undef", "unknown")) or tail not in ("i8", "u8", "bf16", "f16", "f32", "fp32"):
+            precision = mac["precision"]  # no primitive chosen yet: the node's own precision
+        else:
+            precision = {"u8": "i8", "fp32": "f32"}.get(tail, tail)
+        types = mac["types"]
+        act = types[0] if types else "?"
+        weight = types[1] if len(types) > 1 else "?"
+        return {"kernel": f"{mac['kind']}:{primitive or mac['precision']}",
+                "int8": precision in OV_INT8_PRECISIONS and act in ("u8", "i8") and weight in ("i8", "u8"),
+                "precision": precision,
+                "weights": {"i4": "int4", "u4": "uint4", "i8": "int8", "u8": "uint8"}.get(
+                    weight, "float" if weight in ("f32", "bf16", "f16") else weight)}
 
     def attention_kernels(self) -> list[str]:
         """``layerType:runtimePrecision`` of each executed node that runs a softmax (the fused MHA kernels:

@@ -35,13 +35,17 @@ def write_model(model: onnx.ModelProto, path: Path) -> None:
 
 
 def report_engine(report: Report, runner: Any, weights: Mapping[str, str], macs: Mapping[str, int],
-                  **extra: Any) -> dict[str, Any]:
-    """The proof that int8 runs: per layer the engine's kernel and MACs, the int8 share of the MACs, into
-    ``report.sections["engine"]`` and the report's per-layer rows."""
+                  float_weights: Mapping[str, str] | None = None, **extra: Any) -> dict[str, Any]:
+    """The proof that int8 runs: per quantized layer the kernel the engine executes and its MACs, the int8
+    share of the MACs, into ``report.sections["engine"]`` and the report's per-layer rows; the kernels of
+    the layers kept in float (``float_weights``) under ``float_layers``."""
     layers = runner.int8_layers(weights)
     for layer, v in layers.items():
         v["macs"] = int(macs.get(layer, 0))
     section = {"engine": runner.engine, "int8_share": int8_share(layers, macs), "layers": layers, **extra}
+    if float_weights:
+        section["float_layers"] = runner.int8_layers(float_weights)
+        layers = {**section["float_layers"], **layers}
     if hasattr(runner, "attention_kernels"):
         section["attention_kernels"] = runner.attention_kernels()
     report.sections["engine"] = section
@@ -58,7 +62,7 @@ def make_compiled(target: str, engine: str, model_dir: Path, signature: Signatur
                   state: dict[str, Any], threads: int) -> CompiledModel:
     engine_options = {"static_shapes": state["static_shapes"]} if state.get("static_shapes") else {}
     runner = make_runner(engine, model_dir / MODEL_FILE, signature, threads, **engine_options)
-    report_engine(report, runner, state["weights"], state["macs"])
+    report_engine(report, runner, state["weights"], state["macs"], state.get("float_weights"))
     compiled = CompiledModel(target, runner, signature, plan, report, save_onnx_artifact,
                              options={"threads": threads, "engine": engine})
     compiled.state = {**state, "model_dir": model_dir, "runner": runner}
@@ -104,6 +108,7 @@ def base_manifest(compiled: CompiledModel, kind: str) -> dict[str, Any]:
         "outputs": sig.outputs,
         "dynamic_dims": {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in sig.inputs},
         "weights": state["weights"],
+        "float_weights": state.get("float_weights", {}),
         "macs": state["macs"],
     }
 
@@ -119,7 +124,8 @@ def load_onnx_artifact(directory: str | os.PathLike[str], manifest: Mapping[str,
     try:
         signature = Signature.from_json(manifest["signature"])
         state = {"engine": manifest["engine"], "opset": manifest["opset"], "weights": dict(manifest["weights"]),
-                 "macs": {k: int(v) for k, v in manifest["macs"].items()}}
+                 "macs": {k: int(v) for k, v in manifest["macs"].items()},
+                 "float_weights": dict(manifest.get("float_weights") or {})}
     except KeyError as e:
         raise ArtifactError(f"{d}/manifest.json: missing field {e.args[0]!r}") from e
     except (TypeError, ValueError, AttributeError) as e:

@@ -13,14 +13,31 @@ import torch
 from torch import fx
 
 from lowbit.backends.onnx.export import OPSET, export_onnx
+from lowbit.compiler import meta
 from lowbit.compiler.capture import Captured
-from lowbit.compiler.graph import layer_macs
+from lowbit.compiler.graph import annotated_nodes, layer_macs
 from lowbit.compiler.pass_manager import Pass, PassContext
 from lowbit.errors import BackendNotAvailable
 from lowbit.runtime.model import CompiledModel
 from lowbit.runtime.onnx_artifact import load_onnx_artifact, make_compiled, write_model
 
 ATTENTION_OPSET = 23  # the standard Attention op
+
+
+def float_layer_weights(gm: fx.GraphModule, model: onnx.ModelProto) -> dict[str, str]:
+    """layer -> weight initializer of each layer the plan keeps in float: the engine report names the kernel
+    those run too (the ONNX exporter keeps a float weight's attribute name as the initializer's)."""
+    inits = {t.name for t in model.graph.initializer}
+    out: dict[str, str] = {}
+    for node in annotated_nodes(gm):
+        w = node.args[1] if len(node.args) > 1 else None
+        if node.meta[meta.SPEC].scheme == "float" and isinstance(w, fx.Node) and w.op == "get_attr":
+            name = str(w.target)
+            for candidate in (name, name.replace(".", "_")):
+                if candidate in inits:
+                    out[node.meta[meta.LAYER]] = candidate
+                    break
+    return out
 
 
 class OnnxBackend:
@@ -72,6 +89,7 @@ class OnnxBackend:
         report = ctx.notes["report"]
         report.sections["onnx_export"] = {"opset": opset, **info["rules"], "problems": info["problems"]}
         state = {"engine": self.engine, "opset": opset, "weights": info["weights"], "macs": macs,
+                 "float_weights": float_layer_weights(gm, model),
                  "qparams": {k: v for k, v in ctx.notes.get("qparams", {}).items()}, "tmp": tmp}
         if self.specialize_example_shape and options.get("specialize_example_shape", True):
             state["static_shapes"] = [list(t.shape) for t in flat]
