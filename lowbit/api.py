@@ -26,7 +26,7 @@ def compile(  # noqa: A001 - the public name is compile
     plan: Plan | Mapping[str, Any] | str | None = None,
     dynamic_shapes: Mapping[str, Any] | tuple[Any, ...] | list[Any] | None = None,
     dump_dir: str | os.PathLike[str] | None = None,
-    progress: bool = True,
+    progress: bool | str = True,
     **options: Any,
 ) -> CompiledModel:
     """Quantize and compile ``model`` for ``target``.
@@ -37,6 +37,7 @@ def compile(  # noqa: A001 - the public name is compile
     plan: a per-layer precision plan (``CompiledModel.plan``, its JSON, or a path) that overrides config.
     dynamic_shapes: per input name, ``{dim: "symbol"}``; dim 0 (batch) of every input is dynamic anyway.
     dump_dir: write per-pass graph dumps there (also switched on by LOWBIT_DUMP_DIR).
+    progress: progress bars of the long steps on a terminal (True), never (False), or also into a log ("always").
     options: target options, e.g. ``compile=True`` for target="torch". For a causal LM: ``tokenizer=`` (saved
       with the artifact), ``decode=False`` (no KV-cache step graph: a model that only scores sequences).
 

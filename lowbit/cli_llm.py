@@ -102,8 +102,9 @@ def text_windows(tokenizer: Any, source: Path | None, samples: int, seq_len: int
 def quantize(args: argparse.Namespace) -> int:
     import lowbit
 
+    args.progress = _progress(args.progress)
     check_model(args.model)
-    with step(f"loading {args.model}", force=True):
+    with step(f"loading {args.model}", args.progress, force=True):
         model, tokenizer = load_model(args.model)
     fields: dict[str, Any] = {"scheme": args.scheme or "w8a8"}
     if args.group_size:
@@ -125,22 +126,22 @@ def quantize(args: argparse.Namespace) -> int:
         example: Any = load_file(str(args.example_inputs))
         calibration = [example]
     else:
-        with step("tokenizing the calibration text", force=True):
+        with step("tokenizing the calibration text", args.progress, force=True):
             calibration = text_windows(tokenizer, args.calibration, args.samples, args.seq_len)
         example = (calibration[0],)
     print(f"lowbit quantize: {type(model).__name__}, {len(calibration)} calibration windows, target {args.target}",
           flush=True)
     t0 = time.perf_counter()
     q = lowbit.compile(model, example, target=args.target, calibration=calibration, config=config,
-                       dump_dir=args.dump_dir, tokenizer=tokenizer, threads=args.threads)
+                       dump_dir=args.dump_dir, tokenizer=tokenizer, threads=args.threads, progress=args.progress)
     compile_s = time.perf_counter() - t0
-    with step(f"saving {args.out}", force=True):
+    with step(f"saving {args.out}", args.progress, force=True):
         q.save(args.out)
     print(q.report)
     print(f"saved {args.out} (compiled in {compile_s:.0f} s); open {args.out / 'report.html'} in a browser")
     if args.export:
         where = Path(f"{args.out}-{args.export}")
-        with step(f"exporting {args.export}", force=True):
+        with step(f"exporting {args.export}", args.progress, force=True):
             q.export(where, format=args.export)
         print(f"exported {args.export}: {where}")
     return 0
@@ -159,9 +160,10 @@ def evaluate(args: argparse.Namespace) -> int:
 
     from lowbit.evaluate import perplexity
 
+    args.progress = _progress(args.progress)
     if not args.directory.is_dir():
         raise CliError(f"{args.directory}: no such artifact directory")
-    with step(f"loading {args.directory}", force=True):
+    with step(f"loading {args.directory}", args.progress, force=True):
         lm = _load(args.directory, args.threads)
     tokenizer = getattr(lm, "tokenizer", None)
     if tokenizer is None:
@@ -177,13 +179,13 @@ def evaluate(args: argparse.Namespace) -> int:
     ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     if args.max_tokens:
         ids = ids[: args.max_tokens]
-    ppl = perplexity(lm, ids, seq_len=args.seq_len)
+    ppl = perplexity(lm, ids, seq_len=args.seq_len, progress=bool(args.progress))
     print(f"perplexity {ppl:.3f} ({ids.numel()} tokens, windows of {args.seq_len})")
     if args.model:
         check_model(args.model)
-        with step(f"loading {args.model}", force=True):
+        with step(f"loading {args.model}", args.progress, force=True):
             model, _ = load_model(args.model)
-        ref = perplexity(model, ids, seq_len=args.seq_len)
+        ref = perplexity(model, ids, seq_len=args.seq_len, progress=bool(args.progress))
         print(f"float model {ref:.3f}; quantized {ppl / ref - 1:+.2%}")
     return 0
 
@@ -254,6 +256,15 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
+                   type=str, help="progress bars: on a terminal (auto), also into a log or pipe (always), or none")
+
+
+def _progress(value: str) -> bool | str:
+    return {"auto": True, "always": "always", "never": False}[value]
+
+
 def add_commands(sub: Any) -> None:
     d = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("quantize", formatter_class=d, help="compile a model and save the artifact")
@@ -277,6 +288,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--example-inputs", type=Path, default=None, help="for package.module:factory models")
     p.add_argument("--dump-dir", type=Path, default=None, help="per-pass graph dumps")
     p.add_argument("--threads", type=int, default=2, help="engine threads")
+    _progress_option(p)
     p = sub.add_parser("eval", formatter_class=d, help="perplexity of a causal-LM artifact on a text file")
     p.add_argument("directory", type=Path)
     p.add_argument("--text", type=Path, default=None, help="a text file; default: the evaluation split of "
@@ -285,6 +297,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate the first N tokens only")
     p.add_argument("--model", default=None, help="also the float model's perplexity (its folder)")
     p.add_argument("--threads", type=int, default=2, help="engine threads")
+    _progress_option(p)
     p = sub.add_parser("generate", formatter_class=d, help="stream a completion of a prompt")
     p.add_argument("directory", type=Path)
     p.add_argument("prompt")

@@ -34,7 +34,7 @@ class PassContext:
     input_names: Sequence[str] = ()
     example: tuple[tuple[Any, ...], dict[str, Any]] | None = None
     qparams: Mapping[str, torch.Tensor] | None = None  # re-applying an artifact instead of calibrating
-    progress: bool = True
+    progress: bool | str = True  # lowbit.runtime.progress: True (on a terminal), False, "always"
     notes: dict[str, Any] = field(default_factory=dict)  # what passes tell later stages and the report
 
 

@@ -57,6 +57,7 @@ from lowbit.compiler.graph import QUANTIZABLE, attr_tensor, observer_of
 from lowbit.config import QuantConfig
 from lowbit.errors import PlanError
 from lowbit.evaluate import token_nll
+from lowbit.runtime.progress import bar_disabled
 from lowbit.runtime.qparams import (
     PER_TOKEN_EPS,
     dequantize_weight,
@@ -576,7 +577,7 @@ class Sensitivity:
 
 def analyze(probe: Probe, quantized: Mapping[str, str], fidelity: Fidelity, macs: Mapping[str, int] | None = None,
             *, layers: Iterable[str] | None = None, full: bool = True, base: float | None = None,
-            progress: bool = True) -> Sensitivity:
+            progress: bool | str = True) -> Sensitivity:
     """Sensitivity of ``layers`` (default: every layer quantized in ``quantized``, a layer -> option map
     of the all-quantized plan). ``base``: fidelity(quantized) if already measured. Leaves the probe on
     ``quantized``."""
@@ -585,7 +586,7 @@ def analyze(probe: Probe, quantized: Mapping[str, str], fidelity: Fidelity, macs
     alone: list[float | None] = [None] * len(names)
     if isinstance(fidelity, (SqnrFidelity, PerplexityFidelity)):  # one forked pass per batch each
         with tqdm(total=len(names) * (1 + int(full)) * len(fidelity.batches), desc="lowbit sensitivity",
-                  unit="eval", disable=None if progress else True, leave=False) as bar:
+                  unit="eval", disable=bar_disabled(progress), leave=False) as bar:
             if full:
                 _, alone = fidelity.sweep(probe, {}, [(n, quantized[n]) for n in names], bar.update)
             swept, without = fidelity.sweep(probe, quantized, [(n, FLOAT) for n in names], bar.update)
@@ -596,7 +597,7 @@ def analyze(probe: Probe, quantized: Mapping[str, str], fidelity: Fidelity, macs
             base = fidelity(probe)
         without = []
         for i, name in enumerate(tqdm(names, desc="lowbit sensitivity", unit="layer",
-                                      disable=None if progress else True, leave=False)):
+                                      disable=bar_disabled(progress), leave=False)):
             if full:
                 probe.set({name: quantized[name]})
                 alone[i] = fidelity(probe)

@@ -48,6 +48,7 @@ from lowbit.config import QuantConfig
 from lowbit.passes.annotate import config_spec
 from lowbit.passes.calibrate import _NamingInterpreter, stream_calibration
 from lowbit.passes.smooth_quant import Group, SmoothQuant, _fold_target, fake_quantize_weight
+from lowbit.runtime.progress import bar_disabled
 from lowbit.runtime.qparams import dequantize_weight, quantize_weight, sqnr
 from lowbit.runtime.spec import QuantSpec
 
@@ -196,7 +197,7 @@ class AWQ(Pass):
         stream_calibration(interp, ctx, "lowbit awq statistics")
         no_clip = {n for n, node in layers.items() if feeds_attention_scores(node)}
         for g in tqdm(groups, desc="lowbit awq scales and clipping", unit="group", leave=False,
-                      disable=None if ctx.progress else True):
+                      disable=bar_disabled(ctx.progress)):
             key = g.x.name
             if key not in interp.rows:
                 continue

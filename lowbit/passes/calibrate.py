@@ -24,6 +24,7 @@ from lowbit.compiler.graph import get_attr, observer_of
 from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
 from lowbit.errors import ArtifactError, CalibrationError
 from lowbit.passes.insert_observers import observer_nodes
+from lowbit.runtime.progress import bar_disabled
 
 
 class _NamingInterpreter(fx.Interpreter):
@@ -68,7 +69,7 @@ def stream_calibration(interp: fx.Interpreter, ctx: PassContext, desc: str) -> i
     batches = 0
     with torch.no_grad():
         for i, batch in enumerate(tqdm(calibration_batches(ctx.calibration), desc=desc, unit="batch",
-                                       disable=None if ctx.progress else True, leave=False)):
+                                       disable=bar_disabled(ctx.progress), leave=False)):
             where = f"calibration batch {i}"
             flat = signature.flatten(batch, error=CalibrationError, where=where, check_finite=True)
             interp.where, interp.batch = where, i
@@ -104,7 +105,7 @@ def stream_layerwise(gm: fx.GraphModule, ctx: PassContext, layers: Iterable[fx.N
     def value(a: fx.Node, b: int) -> Any:
         return get_attr(gm, str(a.target)) if a.op == "get_attr" else env[a][b]
 
-    bar = tqdm(total=len(wanted), desc=desc, unit="layer", disable=None if ctx.progress else True, leave=False)
+    bar = tqdm(total=len(wanted), desc=desc, unit="layer", disable=bar_disabled(ctx.progress), leave=False)
     with torch.no_grad():
         for i, n in enumerate(nodes):
             if n.op in ("placeholder", "get_attr"):
