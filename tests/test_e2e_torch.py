@@ -6,6 +6,7 @@ batch sizes (and BERT sequence lengths) other than the example's.
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -307,3 +308,12 @@ if os.environ.get("LOWBIT_PRINT_SQNR"):
         print(f"\nCNN SQNR (batch 16): {sqnr(cnn(x), q(x)):.2f} dB")
         print(f"BERT SQNR (batch 4, seq 24): {sqnr(bert(**b).last_hidden_state, bert_q(**b)[0]):.2f} dB")
         print("\n".join(sorted(p.name for p in Path(dump).iterdir())))
+
+
+def test_progress_always_shows_bars_and_steps_in_a_log(cnn, capsys):
+    lowbit.compile(cnn, cnn_data(1)[0], calibration=cnn_data(2), progress="always")
+    err = capsys.readouterr().err
+    assert re.search(r"lowbit [a-z_ ]+: .*2batch", err)  # a calibration bar, to its end
+    assert "building the torch engine: done in" in err
+    lowbit.compile(cnn, cnn_data(1)[0], calibration=cnn_data(2), progress=False)
+    assert capsys.readouterr().err == ""
