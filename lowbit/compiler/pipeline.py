@@ -13,6 +13,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from lowbit.backends.registry import get_backend
+from lowbit.compiler import engine_fidelity
 from lowbit.compiler.capture import capture, index_ranges, sequence_dynamic_shapes, without_kv_cache
 from lowbit.compiler.instruments import DumpInstrument, TimingInstrument, VerifyInstrument
 from lowbit.compiler.pass_manager import Pass, PassContext, PassManager, PassRecord
@@ -73,11 +74,12 @@ def compile_model(
     options: Mapping[str, Any] | None = None,
     qparams: Mapping[str, torch.Tensor] | None = None,
     dim_bounds: Mapping[str, tuple[int, int | None]] | None = None,
-    progress: bool = True,
+    progress: bool | str = True,
 ) -> CompiledModel:
     options = dict(options or {})
     tokenizer = options.pop("tokenizer", None)
     decode = bool(options.pop("decode", True))
+    check_engine = bool(options.pop("engine_fidelity", True))
     backend = get_backend(target)
     backend.check_available()
     causal_lm = is_causal_lm(model)
@@ -136,6 +138,20 @@ def compile_model(
     report.sections["model"] = model_facts(model)
     if not options.get("decode_graph"):  # a causal LM's step graph: its model measures the whole
         report.sections["fidelity"] = measure_fidelity(compiled, captured, example_out, causal_lm and decode)
+    fid = ctx.notes.get("fidelity_measure")
+    if fid is not None and check_engine and not causal_lm:
+        # the plan's target must hold on the engine, not only on the reference (engine_fidelity.py)
+        def replan(cfg: QuantConfig) -> CompiledModel:
+            return compile_model(model, example_inputs, target=target, calibration=calibration, config=cfg,
+                                 dynamic_shapes=dynamic_shapes, dump_dir=dump_dir,
+                                 options={**options, "tokenizer": tokenizer, "engine_fidelity": False},
+                                 dim_bounds=dim_bounds, progress=progress)
+
+        best = engine_fidelity.hold(compiled, fid, config, replan)
+        if best is not compiled:  # a re-plan: it wrote its own dump; its page gets the engine's figures
+            if dump:
+                write_report_page(best.report, dump)
+            return best
     if dump:
         report.sections["dump"] = {"dir": os.path.abspath(dump),
                                    "passes": {r.name: f"{r.index:03d}_{r.name}" for r in manager.records}}

@@ -295,6 +295,7 @@ class PlanPrecision(Pass):
         if result.sensitivity is not None:
             ctx.notes["sensitivity"] = result.sensitivity
         changed = self._apply(gm, ctx, result.options)
+        ctx.notes["fidelity_measure"] = fid  # compile measures the built engine on the same batches and target
         ctx.notes["plan_search"] = {
             "metric": fid.metric, "target": fid.target, "fidelity": result.fidelity,
             "start_fidelity": result.start_fidelity, "float_value": fid.float_value,

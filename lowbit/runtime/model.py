@@ -59,13 +59,14 @@ class CompiledModel:
         return self._plan.to_json()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        flat = self.signature.flatten_call(args, kwargs)
+        return self.signature.unflatten(self.run_flat(self.signature.flatten_call(args, kwargs)))
+
+    def run_flat(self, flat: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Run the engine on the flat input tensors (the signature's order); its flat outputs."""
         if getattr(self._runner, "autograd_free", False):  # an engine outside torch (ONNX Runtime, OpenVINO)
-            outs = self._runner(flat)
-        else:
-            with torch.no_grad():
-                outs = self._runner(flat)
-        return self.signature.unflatten(list(outs))
+            return list(self._runner(flat))
+        with torch.no_grad():
+            return list(self._runner(flat))
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         if self._saver is None:
