@@ -126,6 +126,7 @@ class RowResult:
     cos_mean: float | None = None
     cos_min: float | None = None
     top1: float | None = None
+    sqnr_db: float | None = None  # output SQNR vs FP32 eager, where the workload scores it
     size_mb: float | None = None
     compile_s: float | None = None
     error: str | None = None
@@ -182,7 +183,7 @@ def build_rows(specs: Sequence[RowSpec], ctx: BuildContext, *, log: Callable[[st
 
 def score_rows(results: list[RowResult], built: Mapping[str, Built],
                score: Callable[[Runner], Mapping[str, float]], *, log: Callable[[str], None] = print) -> None:
-    """Fill the quality columns (``cos_mean``/``cos_min`` or ``top1``) with ``score(fn)``."""
+    """Fill the quality columns (``cos_mean``/``cos_min`` or ``top1``, and ``sqnr_db``) with ``score(fn)``."""
     for res in results:
         if res.name not in built:
             continue
@@ -286,6 +287,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, quality: str) -> str:
     if quality not in ("cos", "top1"):
         raise ValueError(quality)
     qcols = ["cos mean", "cos min"] if quality == "cos" else ["top-1 %"]
+    with_sqnr = any(r.get("sqnr_db") is not None for r in rows)
+    qcols += ["SQNR dB"] if with_sqnr else []
     head = ["row", "group", "median ms", "speedup", *qcols, "size MB", "compile s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---"] + ["---:"] * (len(head) - 2)) + "|"]
     for r in rows:
@@ -298,6 +301,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, quality: str) -> str:
         else:
             q = ([_fmt(r.get("cos_mean"), ".4f"), _fmt(r.get("cos_min"), ".4f")] if quality == "cos"
                  else [_fmt(None if r.get("top1") is None else 100.0 * r["top1"], ".2f")])
+            q += [_fmt(r.get("sqnr_db"), ".1f")] if with_sqnr else []
             cells = [name, r["group"], _fmt(r.get("ms_median"), ".2f"),
                      _fmt(r.get("speedup"), ".2f", "-") + ("x" if r.get("speedup") is not None else ""), *q,
                      _fmt(r.get("size_mb"), ".1f"), _fmt(r.get("compile_s"), ".1f")]

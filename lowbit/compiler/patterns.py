@@ -134,3 +134,42 @@ def residual_adds(gm: fx.GraphModule) -> list[fx.Node]:
             continue
         out.append(node)
     return out
+
+
+MULS = {aten.mul.Tensor, aten.mul_.Tensor}
+POOLS = {aten.mean.dim, aten.adaptive_avg_pool2d.default, aten._adaptive_avg_pool2d.default, aten.avg_pool2d.default,
+         aten.max_pool2d.default}
+
+
+def gating_muls(gm: fx.GraphModule) -> list[fx.Node]:
+    """Element-wise products of a 4-D feature map [B, C, H, W] and a gate of one shape or [B, C, 1, 1]: a
+    squeeze-excite block's channel scaling (or a spatial gate). A product with a constant is not matched."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.target not in MULS or len(node.args) < 2:
+            continue
+        a, b = node.args[:2]
+        va = tensor_meta(a) if isinstance(a, fx.Node) else None
+        vb = tensor_meta(b) if isinstance(b, fx.Node) else None
+        if va is None or vb is None or va.ndim != 4 or vb.ndim != 4 or not va.dtype.is_floating_point:
+            continue
+        sa, sb = [str(d) for d in va.shape], [str(d) for d in vb.shape]  # symbolic dims compare by name
+        if sa == sb or sa[:2] == sb[:2] and (sa[2:] == ["1", "1"] or sb[2:] == ["1", "1"]):
+            out.append(node)
+    return out
+
+
+def feature_pools(gm: fx.GraphModule) -> list[fx.Node]:
+    """Pooling of a 4-D feature map: average or max pooling, and ``mean`` over the spatial dims (a global
+    average pool as torch.export writes ``AdaptiveAvgPool2d(1)``)."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.target not in POOLS or not isinstance(node.args[0], fx.Node):
+            continue
+        val = tensor_meta(node.args[0])
+        if val is None or val.ndim != 4:
+            continue
+        if node.target is aten.mean.dim and sorted(d % 4 for d in node.args[1]) != [2, 3]:
+            continue
+        out.append(node)
+    return out

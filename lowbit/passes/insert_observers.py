@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from torch import fx
 
+from lowbit.backends.registry import backend_attr
 from lowbit.compiler import meta
 from lowbit.compiler.graph import annotated_nodes, observer_of
 from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
-from lowbit.compiler.patterns import residual_adds
+from lowbit.compiler.patterns import feature_pools, gating_muls, residual_adds
 from lowbit.config import QuantConfig
 from lowbit.passes.fuse_activation import output_node
 from lowbit.runtime.observers import Observer, make_observer
@@ -73,10 +74,15 @@ class InsertObservers(Pass):
                     u.replace_input_with(out, obs)
                 outputs += 1
         residual = self._quantize_residual_adds(gm, observer_for) if ctx.notes.get("quantize_residual_adds") else 0
+        gates = pools = 0
+        if backend_attr(ctx.notes.get("target"), "quantize_gating", False):
+            gates = self._quantize_gating_muls(gm, observer_for)
+            pools = self._pool_int8_inputs(gm)
         gm.recompile()
         return PassResult(gm, {k: v for k, v in
                                {"observers": len(made), "inputs_observed": inputs, "outputs_observed": outputs,
-                                "residual_adds_quantized": residual}.items() if v})
+                                "residual_adds_quantized": residual, "gating_muls_quantized": gates,
+                                "pools_read_int8": pools}.items() if v})
 
     @staticmethod
     def _quantize_residual_adds(gm: fx.GraphModule, observer_for: Any) -> int:
@@ -111,6 +117,46 @@ class InsertObservers(Pass):
                 if u is not obs and observer_of(gm, u) is None:
                     u.replace_input_with(out, obs)
             done += 1
+        return done
+
+
+    @staticmethod
+    def _quantize_gating_muls(gm: fx.GraphModule, observer_for: Any) -> int:
+        """Squeeze-excite products ``x * gate`` whose output a layer quantizes (the project conv after the block):
+        both operands are read quantized too, with the output's spec, so the engine multiplies int8 tensors
+        (ONNX Runtime's QDQ rule ``2DQ``: DQ, DQ -> Mul -> Q becomes QLinearMul; OpenVINO runs the
+        Multiply between FakeQuantizes as an int8 eltwise subgraph, as NNCF quantizes both Multiply inputs).
+        An operand already quantized (a conv output with its fused hardswish / hardsigmoid) keeps its quantizer;
+        another reader of a newly quantized operand (the squeeze's average pool) reads it through the same one.
+        The roles are ``<layer reading the product>:gate_input`` and ``:gate``."""
+        done = 0
+        for mul in gating_muls(gm):
+            out_obs = _observer_user(gm, mul)
+            if out_obs is None:
+                continue  # the product stays float: an int8 multiply would need a quantizer after it
+            spec = observer_of(gm, out_obs).spec
+            layer = out_obs.meta[meta.OBSERVES][0].rsplit(":", 1)[0]
+            for x, role in zip(mul.args[:2], ("gate_input", "gate"), strict=True):
+                if observer_of(gm, x) is not None:
+                    continue
+                mul.replace_input_with(x, _observer_user(gm, x) or observer_for(x, spec, layer, role))
+            done += 1
+        return done
+
+    @staticmethod
+    def _pool_int8_inputs(gm: fx.GraphModule) -> int:
+        """A pooling of a feature map that is also quantized for another reader reads it through that quantizer
+        (the engines pool int8 input: QLinearGlobalAveragePool / QLinearAveragePool on ONNX Runtime, ReduceMean
+        in i8 on OpenVINO; NNCF quantizes ReduceMean's input)."""
+        done = 0
+        for pool in feature_pools(gm):
+            x = pool.args[0]
+            if observer_of(gm, x) is not None:
+                continue
+            obs = _observer_user(gm, x)
+            if obs is not None:
+                pool.replace_input_with(x, obs)
+                done += 1
         return done
 
 

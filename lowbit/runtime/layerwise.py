@@ -31,6 +31,8 @@ from lowbit.runtime.qparams import sqnr
 
 SPEC, LAYER, QROLE, FUSED_ACT = "lowbit_spec", "lowbit_layer", "lowbit_qrole", "lowbit_fused_activation"
 PASS_THROUGH = {"Relu", "Clip"}
+#: activations an engine fuses into a conv (fuse_activation.POST_OP_ACTIVATIONS), as ONNX ops
+POST_OPS = {"HardSwish", "HardSigmoid", "Sigmoid"}
 
 
 @dataclass
@@ -102,8 +104,9 @@ def expose_layer_outputs(model: onnx.ModelProto, layers: list[str]) -> tuple[onn
             if len(users) != 1:
                 break
             u = users[0]
-            if u.op_type == "Add" and any(i in inits for i in u.input) or u.op_type in PASS_THROUGH:
-                out = u.output[0]
+            if (u.op_type == "Add" and any(i in inits for i in u.input) or u.op_type in PASS_THROUGH
+                    or u.op_type in POST_OPS and any(c.op_type == "QuantizeLinear" for c in consumers.get(u.output[0], []))):
+                out = u.output[0]  # a post-op activation counts when the layer's output quantizer follows it
             elif u.op_type == "QuantizeLinear":
                 dq = consumers.get(u.output[0], [])
                 out = dq[0].output[0] if dq else out

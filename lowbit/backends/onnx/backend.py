@@ -116,6 +116,11 @@ class OnnxRuntimeBackend(OnnxBackend):
     module = "onnxruntime"
     #: ORT fuses DQ -> Conv (-> Relu) -> Q into QLinearConv only with the output quantized
     quantize_conv_outputs = True
+    #: squeeze-excite products x * gate with int8 operands and output (QLinearMul), pools reading int8
+    #: (QLinearGlobalAveragePool, after ort_rules.reduce_mean_to_global_pool)
+    quantize_gating = True
+    #: residual adds of int8 feature maps, in and out: ORT's QDQ rule "2DQ" runs them as QLinearAdd
+    quantize_residual_adds = True
 
     def engine_rules(self, model: onnx.ModelProto, options: dict[str, Any] | None = None) -> dict[str, int]:
         """Integer MatMuls with the bias inside; weight-only linears as MatMulNBits. A causal LM's step graph
@@ -123,11 +128,12 @@ class OnnxRuntimeBackend(OnnxBackend):
         M = 1 a linear reads its weights once, and the float path re-reads them dequantized (3.5x slower
         on SmolLM2's decode step); elsewhere an 8-bit weight-only layer keeps float activations (often a
         layer the planner promoted because its activations do not survive int8)."""
-        from lowbit.backends.onnx.ort_rules import fuse_matmul_integer_to_float
+        from lowbit.backends.onnx.ort_rules import fuse_matmul_integer_to_float, reduce_mean_to_global_pool
         from lowbit.backends.onnx.weight_only import to_matmul_nbits
 
         eight_bit = bool((options or {}).get("decode_graph", False))
-        return {**to_matmul_nbits(model, eight_bit=eight_bit), **fuse_matmul_integer_to_float(model)}
+        return {**to_matmul_nbits(model, eight_bit=eight_bit), **fuse_matmul_integer_to_float(model),
+                **reduce_mean_to_global_pool(model)}
 
 
 class OpenVinoBackend(OnnxBackend):
@@ -144,3 +150,8 @@ class OpenVinoBackend(OnnxBackend):
     # residual block as convs alone, the add and ReLU fused into the conv as a sum post-op writing int8
     quantize_conv_outputs = True
     quantize_residual_adds = True
+    # activations the CPU plugin fuses into a conv as a post-op (NNCF's LINEAR_ACTIVATIONS pattern): the conv's
+    # output quantizer goes after them, and conv + hardswish + FakeQuantize run as one int8 conv
+    post_op_activations = ("hardswish", "hardsigmoid", "sigmoid", "silu")
+    # squeeze-excite x * gate between quantizers (an int8 eltwise subgraph) and ReduceMean on int8 input
+    quantize_gating = True

@@ -11,7 +11,13 @@ arithmetic is unchanged: ``out = (x_q - x_zp) * x_scale  @  W * w_scale + b`` in
 symmetric (zero point 0, so it is left out) and may be per output column (``w_scale`` [N]).
 
 Only ORT runs contrib ops, so this rule belongs to the onnxruntime-int8 target, never to the shared
-export. The rewritten node keeps the layer's name (``<layer>/MatMulIntegerToFloat``), so engine reports
+export.
+
+``reduce_mean_to_global_pool``: ``ReduceMean(x [N, C, H, W], axes=[2, 3], keepdims=1)`` (how the exporter
+writes ``AdaptiveAvgPool2d(1)``) becomes ``GlobalAveragePool(x)``, the same mean. ORT's QDQ rules
+(onnxruntime/core/optimizer/qdq_transformer/selectors_actions/qdq_selector_action_transformer.cc,
+``UnaryOpQDQRules``) turn DQ -> GlobalAveragePool -> Q into the int8 ``QLinearGlobalAveragePool``;
+ReduceMean is in no QDQ rule and runs in float between a DQ and a Q. The rewritten node keeps the layer's name (``<layer>/MatMulIntegerToFloat``), so engine reports
 and the layer-wise comparison still map it back.
 """
 
@@ -90,3 +96,37 @@ def fuse_matmul_integer_to_float(model: onnx.ModelProto) -> dict[str, int]:
         if not any(o.domain == MS_DOMAIN for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return {"matmul_integer_to_float": fused, "bias_fused": with_bias}
+
+
+def _rank(g: Graph, name: str, prod: dict[str, onnx.NodeProto]) -> int | None:
+    """The rank of tensor ``name`` from the exporter's value_info (through Q/DQ, which keep the shape)."""
+    known = {v.name: v for v in [*g.g.value_info, *g.g.input, *g.g.output]}
+    for _ in range(4):
+        if name in known and known[name].type.tensor_type.HasField("shape"):
+            return len(known[name].type.tensor_type.shape.dim)
+        p = prod.get(name)
+        if p is None or p.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            return None
+        name = p.input[0]
+    return None
+
+
+def reduce_mean_to_global_pool(model: onnx.ModelProto) -> dict[str, int]:
+    """Rewrite every ReduceMean over the spatial dims of a 4-D tensor (keepdims) as GlobalAveragePool."""
+    g = Graph(model)
+    prod = g.producers()
+    fired = 0
+    for rm in list(g.g.node):
+        if rm.op_type != "ReduceMean" or not int(node_attr(rm, "keepdims", 1)) or len(rm.input) < 2:
+            continue
+        axes = g.array(rm.input[1])
+        if axes is None or _rank(g, rm.input[0], prod) != 4 or sorted(int(a) % 4 for a in axes.ravel()) != [2, 3]:
+            continue
+        pool = helper.make_node("GlobalAveragePool", [rm.input[0]], list(rm.output), name=rm.name)
+        idx = list(g.g.node).index(rm)
+        g.g.node.remove(rm)
+        g.g.node.insert(idx, pool)
+        fired += 1
+    if fired:
+        g.remove_unused_initializers()
+    return {"reduce_mean_to_global_pool": fired} if fired else {}

@@ -10,8 +10,8 @@ Each rule is pattern -> check -> rewrite and returns how many times it fired.
 - ``dedicate_dq``: a DQ with several consumers is cloned per consumer (QDQ node units own their DQ).
 - ``check_qdq_placement``: Q feeds only DQ; an activation DQ feeds only MatMul/Conv/Gemm, directly or
   through a head split (Reshape/Transpose: the query and key of an attention's scores matmul), or a
-  pooling op or an Add of two int8 tensors (a quantized residual block, openvino-int8). Returns
-  the violations (stray Q/DQ around float ops) instead of rewriting.
+  pooling op or an Add/Mul of two int8 tensors (a quantized residual block; a squeeze-excite gate x * s,
+  QLinearMul on ORT). Returns the violations (stray Q/DQ around float ops) instead of rewriting.
 """
 
 from __future__ import annotations
@@ -194,15 +194,16 @@ def check_qdq_placement(g: Graph) -> list[str]:
                 continue  # a quantized conv output: QLinearConv writes int8, its consumers read a DQ
             bad = [u.op_type if u is not None else "graph output" for u in cons[n.output[0]]
                    if u is None or u.op_type not in QUANT_CONSUMERS and not _split_into_matmul(u, cons)
-                   and u.op_type not in INT8_POOLS and not _int8_add(u, prod)]
+                   and u.op_type not in INT8_POOLS and not _int8_binary(u, prod)]
             if bad or q is None or q.op_type != "QuantizeLinear":
                 problems.append(f"DequantizeLinear {n.name} feeds {bad or '?'}: stray Q/DQ around a float op")
     return problems
 
 
-def _int8_add(node: onnx.NodeProto, prod: dict[str, onnx.NodeProto]) -> bool:
-    """An Add of two dequantized int8 tensors (a residual join an engine fuses into the conv before it)."""
-    return node.op_type == "Add" and len(node.input) == 2 and all(
+def _int8_binary(node: onnx.NodeProto, prod: dict[str, onnx.NodeProto]) -> bool:
+    """An Add or Mul of two dequantized int8 tensors: a residual join an engine fuses into the conv before it,
+    a squeeze-excite gate (ORT's QDQ rule ``2DQ`` makes both QLinearAdd / QLinearMul)."""
+    return node.op_type in ("Add", "Mul") and len(node.input) == 2 and all(
         prod.get(i) is not None and prod[i].op_type == "DequantizeLinear" for i in node.input)
 
 
