@@ -3,6 +3,7 @@ bias inside, and ONNX Runtime computes the same numbers as from the plain QDQ gr
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -37,3 +38,34 @@ def test_fused_graph_matches_the_plain_qdq_graph():
     # same int8 products, the bias added inside the kernel instead of after it: float rounding only
     assert torch.allclose(fused(x), plain(x), rtol=1e-5, atol=1e-6)
     assert fused.report.sections["engine"]["int8_share"] == 1.0
+
+
+def _mean_model(axes: list[int], keepdims: int = 1) -> onnx.ModelProto:
+    from onnx import TensorProto, helper, numpy_helper
+
+    axes_t = numpy_helper.from_array(np.array(axes, dtype=np.int64), "axes")
+    node = helper.make_node("ReduceMean", ["x", "axes"], ["y"], name="pool/ReduceMean", keepdims=keepdims)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 5, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 1, 1])], [axes_t])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_spatial_reduce_mean_becomes_global_average_pool():
+    """ReduceMean over H, W (keepdims) is GlobalAveragePool, the op ORT's QDQ rules run as
+    QLinearGlobalAveragePool; a mean over channels or without keepdims is left alone."""
+    import onnxruntime as ort
+
+    from lowbit.backends.onnx.ort_rules import reduce_mean_to_global_pool
+
+    x = np.random.default_rng(0).standard_normal((2, 8, 5, 7)).astype(np.float32)
+    for axes in ([2, 3], [-1, -2]):
+        model = _mean_model(axes)
+        assert reduce_mean_to_global_pool(model) == {"reduce_mean_to_global_pool": 1}
+        (node,) = model.graph.node
+        assert node.op_type == "GlobalAveragePool" and node.name == "pool/ReduceMean"
+        onnx.checker.check_model(model, full_check=True)
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(sess.run(None, {"x": x})[0], x.mean((2, 3), keepdims=True), rtol=1e-6, atol=1e-6)
+    for model in (_mean_model([1]), _mean_model([2, 3], keepdims=0)):  # (output shapes not checked)
+        assert reduce_mean_to_global_pool(model) == {}
+        assert model.graph.node[0].op_type == "ReduceMean"
