@@ -278,7 +278,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--weight-method", default=None, help="rtn, gptq, awq, awq+gptq")
     p.add_argument("--calibration", type=Path, default=None, help=".txt, .jsonl (text field) or .safetensors "
                    "(input_ids); default: pydoc_data.topics' calibration split")
-    p.add_argument("--samples", type=int, default=128, help="calibration windows")
+    p.add_argument("--samples", type=int, default=32, help="calibration windows (GPTQ and AWQ take time in "
+                   "proportion: 32 x 512 tokens is what lowbit's SmolLM2 figures use)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--target-ppl-increase", type=float, default=None,
                    help="perplexity budget for the automatic plan (0.01: +1%%; negative: off); default: 0.01 "

@@ -183,9 +183,10 @@ def measure_fidelity(compiled: CompiledModel, captured: Any, example_out: Any, c
         ids = next(t for t in flat if not t.is_floating_point())
         if ids.shape[-1] < 2:
             return {"metric": "perplexity", "on": where, "note": "the example has one token: nothing to score"}
-        nll = [float(token_nll(logits_of(o), ids).double().mean()) for o in (example_out, out)]
+        rows = 1 if bool((ids == ids[:1]).all()) else ids.shape[0]  # capture widens a batch-1 example by repeating it
+        nll = [float(token_nll(logits_of(o)[:rows], ids[:rows]).double().mean()) for o in (example_out, out)]
         return {"metric": "perplexity", "float": math.exp(nll[0]), "quantized": math.exp(nll[1]),
-                "tokens": int(ids.numel()), "on": where}
+                "tokens": int(ids[:rows].numel()), "on": where}
 
     def floats(o: Any) -> torch.Tensor:
         leaves = [t.detach().double().flatten() for t in pytree.tree_leaves(logits_or(o))
