@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lowbit-installed
 EXTRAS := examples,dev,triton,openvino
 
-.PHONY: install demo test lint bench bench-llm bench-llm-decode bench-llm-export bench-serving clean
+.PHONY: install demo test lint bench bench-mobilenet bench-llm bench-llm-decode bench-llm-export bench-serving clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ lint: install
 bench: install
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS),bench]" torch==2.13.0
 	$(BIN)/python benchmarks/cpu.py
+
+# the MobileNet-style CNN alone (digits 32x32 + random 224x224, per-op profiles): results/cpu_mobilenet.{md,json}
+bench-mobilenet: install
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS),bench]" torch==2.13.0
+	$(BIN)/python benchmarks/cpu.py --only mobilenet
 
 bench-llm: install
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS),bench]" torch==2.13.0

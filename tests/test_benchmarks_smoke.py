@@ -227,3 +227,47 @@ def test_shared_stage_is_charged_once_to_every_row_that_uses_it(tmp_path: Path) 
     ctx = harness.BuildContext(calibration=b, example=b[0], workdir=tmp_path, threads=1, stages=stages)
     results, _ = harness.build_rows(specs, ctx, log=lambda s: None, clock=clock)
     assert [r.compile_s for r in results] == [pytest.approx(11.0), pytest.approx(12.0)]
+
+
+def test_mobilenet_section_profiles_ratios_and_markdown(tmp_path: Path) -> None:
+    """The MobileNet part's pieces without training: per-op profiles from each engine of a small MobileNet's
+    FP32 export, the targets' ratios read off named rows, and the markdown section."""
+    pytest.importorskip("onnxruntime")
+    cpu = _load_cpu()
+    import cnn
+    import op_profile
+
+    torch.manual_seed(0)
+    model = cnn.randomize_bn(cnn.MobileNet(in_ch=3, blocks=((32, 16, 1, True),), last=32))
+    x = torch.randn(2, 3, 32, 32)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"], output_names=["output"],
+                      opset_version=17)
+    ort_ops = op_profile.onnxruntime_ops(path, {"x": x.numpy()}, calls=2, warmup=1)
+    assert any("Conv" in k for k in ort_ops) and all(v >= 0 for v in ort_ops.values())
+    profiles = {"ORT FP32 (ONNX Runtime profile)": ort_ops}
+    if importlib.util.find_spec("openvino") is not None:
+        ov_ops = op_profile.openvino_ops(path, {"x": x.numpy()}, calls=2, warmup=1,
+                                         config={"INFERENCE_PRECISION_HINT": "f32"})
+        assert any(k.startswith(("Convolution ", "GroupConvolution ")) for k in ov_ops), ov_ops
+        profiles["OpenVINO FP32 (OpenVINO profile)"] = ov_ops
+
+    def row(name, ms, **kw):
+        return {"name": name, "group": "lowbit" if name.startswith("lowbit") else "fp32", "ms_median": ms,
+                "speedup": None, "settings": f"{name} settings", **kw}
+
+    part = {"workload": "MobileNet", "profiles": profiles,
+            "digits32": {"batch": [32, 1, 32, 32], "test_images": 384, "fp32_top1_trained": 0.98,
+                         "rows": [row("FP32 torch eager", 2.0, top1=0.98, sqnr_db=None),
+                                  row("lowbit openvino-int8", 1.0, top1=0.975, sqnr_db=40.0)]},
+            "random224": {"batch": [8, 3, 224, 224],
+                          "rows": [row("FP32 openvino", 30.0), row("OpenVINO + NNCF", 12.0),
+                                   row("lowbit openvino-int8", 10.0), row("FP32 onnxruntime", 40.0),
+                                   row("lowbit onnxruntime-int8", 25.0)]}}
+    ratios = cpu.mobilenet_ratios(part)
+    assert "- 224x224: lowbit openvino-int8 vs OpenVINO FP32 (target >= 1.3x): 3.00x" in ratios
+    assert "- 224x224: lowbit openvino-int8 vs OpenVINO + NNCF (target >= 1.0x): 1.20x" in ratios
+    assert "- 224x224: lowbit onnxruntime-int8 vs ORT FP32 (target >= 1.3x): 1.60x" in ratios
+    assert any(r.startswith("- top-1 drop of lowbit openvino-int8 vs FP32: 0.50 points") for r in ratios)
+    text = "\n".join(cpu.render_mobilenet(part))
+    assert "## MobileNet-style CNN" in text and "SQNR dB" in text and "| Conv |" in text and "3.00x" in text

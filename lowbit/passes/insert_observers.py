@@ -4,6 +4,10 @@ One observer per (producer, spec): Q, K and V reading the same LayerNorm output 
 so one scale. Output observers (``LayerSpec.output``) go after the layer's fused activation.
 Dynamic (per-token) and weight-only layers get no observer: their scales are computed at run time or
 from the weight itself.
+
+Engine choices (backend attributes): ``quantize_residual_adds`` quantizes CNN residual joins in and out;
+``quantize_gating`` quantizes squeeze-excite products ``x * gate`` in and out and lets a pooling read an
+int8 feature map through the quantizer another reader already has on it.
 """
 
 from __future__ import annotations
