@@ -57,6 +57,7 @@ def test_engine_fidelity_is_recorded_and_meets_the_target(target):
         ref = [[model(*b)] for b in cal[:2]]
         out = [[q(*b)] for b in cal[:2]]
     assert engine == pytest.approx(outputs_sqnr_db(ref, out), abs=0.05)
+    assert f"sqnr_db {engine:.4g} on the engine (reference {plan['fidelity']:.4g}" in str(q.report)
     short = [w for w in caught if "compiled" in str(w.message) and "engine" in str(w.message)]
     if plan["engine_target_met"]:
         assert engine >= TARGET_DB and not short

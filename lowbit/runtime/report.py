@@ -76,6 +76,12 @@ class Report:
                          f"all at the start scheme {_fmt(plan['start_fidelity'])}), relative cost "
                          f"{plan['relative_cost']:.3f} (start {plan['start_cost']:.3f}), "
                          f"{plan['evaluations']} evaluations")
+            engine = plan.get("engine_fidelity")
+            if isinstance(engine, (int, float)):
+                replans = plan.get("engine_replans") or []
+                parts.append(f"plan: {plan['metric']} {_fmt(engine)} on the engine (reference {_fmt(plan['fidelity'])}; "
+                             f"target {'met' if plan.get('engine_target_met') else 'NOT met'}"
+                             + (f" after {len(replans)} re-plan(s)" if replans else "") + ")")
             if "float_ppl" in plan:
                 parts.append(f"plan: perplexity {_fmt(plan['ppl'])} against float {_fmt(plan['float_ppl'])} "
                              f"(+{plan['ppl'] / plan['float_ppl'] - 1:.2%}; budget +{plan['target_ppl_increase']:.2%}; "
