@@ -1,4 +1,6 @@
-"""fuse_activation: conv/linear + relu/relu6/hardtanh(0, x) groups; output quantizers go after the ReLU."""
+"""fuse_activation: conv/linear + relu/relu6/hardtanh(0, x) groups (and, on engines that fuse them, conv + hardswish /
+hardsigmoid); output quantizers go after the activation. Also the squeeze-excite placement insert_observers
+writes from it."""
 
 import torch
 from torch import nn
@@ -51,3 +53,48 @@ def test_output_observers_sit_after_the_relu():
     assert not {"conv2d", "linear"} & observed  # ... never between the layer and the ReLU
     assert {"linear_1", "linear_2"} <= observed  # unfused layers (before GELU, the head): at their output
     assert torch.equal(call_flat(gm, x), m(x))  # observers are identities
+
+
+class ConvSE(nn.Module):
+    """conv + hardswish, then a squeeze-excite gate: mean -> conv -> relu -> conv -> hardsigmoid -> x * gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.project = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = nn.functional.hardswish(self.conv(x))
+        gate = nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3), keepdim=True)))))
+        return self.project(y * gate)
+
+
+def test_engine_post_op_activations_fuse_on_openvino_only():
+    """openvino-int8 fuses hardswish / hardsigmoid into the conv before them (NNCF's LINEAR_ACTIVATIONS);
+    onnxruntime-int8 fuses ReLU-like activations only (QLinearConv has no hardswish)."""
+    m = ConvSE().eval()
+    x = torch.randn(2, 3, 8, 8)
+    for target, fused in (("openvino-int8", {"conv2d": "hardswish", "conv2d_1": "relu", "conv2d_2": "hardsigmoid"}),
+                          ("onnxruntime-int8", {"conv2d_1": "relu"})):
+        gm, _, _ = run_passes(m, (x,), [FuseActivation()], notes={"target": target})
+        assert {n.name: n.meta[meta.FUSED_ACT] for n in gm.graph.nodes if n.meta.get(meta.FUSED_ACT)} == fused
+
+
+def test_squeeze_excite_product_is_quantized_in_and_out():
+    """With quantized conv outputs (both ONNX targets), the gate product reads two quantized operands and the
+    mean reads the feature map through the quantizer the product reads it through; observers are identities."""
+    m = ConvSE().eval()
+    x = torch.randn(2, 3, 8, 8)
+    for target, new in (("onnxruntime-int8", 2), ("openvino-int8", 0)):
+        gm, pm, _ = run_passes(m, (x,), [FuseActivation(), Annotate(), InsertObservers(), Calibrate()],
+                               calibration=[(x,)], notes={"target": target, "quantize_conv_outputs": True})
+        stats = pm.records[2].stats
+        assert stats["gating_muls_quantized"] == 1
+        (mul,) = [n for n in gm.graph.nodes if n.target is aten.mul.Tensor]
+        assert all(a.op == "call_module" for a in mul.args), mul.args  # both operands read through observers
+        (mean,) = [n for n in gm.graph.nodes if n.target is aten.mean.dim]
+        assert mean.args[0].op == "call_module" and mean.args[0] in mul.args
+        roles = [o for n, _ in observer_nodes(gm) for o in n.meta[meta.OBSERVES] if o.endswith((":gate", ":gate_input"))]
+        assert len(roles) == new  # ORT: hardswish and hardsigmoid run unfused, so their outputs get quantizers
+        assert torch.equal(call_flat(gm, x), m(x))
