@@ -72,6 +72,16 @@ def _fmt(v: Any) -> str:
     return str(v) if n is None else ("inf" if math.isinf(n) else f"{n:.4g}")
 
 
+def _awq_cell(entry: Mapping[str, Any] | None) -> str | None:
+    """AWQ's scale source of a layer: the exponent it searched (s = mean|x|^ratio) and what the scale folded into."""
+    if not entry:
+        return None
+    ratio, into = entry.get("ratio"), str(entry.get("folded_into") or "")
+    if ratio is None:
+        return "no scale (" + ("not foldable" if into.startswith("not") else "none was better") + ")"
+    return f"ratio {ratio:g} -> {into.split()[0] if into else '?'}"
+
+
 def _mb(n: Any) -> str:
     return f"{float(n) / 1e6:.3g} MB"
 
@@ -162,9 +172,7 @@ def render(report: Mapping[str, Any], *, timings: Mapping[str, Any] | None = Non
         cols.append(("checkpoint", "checkpoint"))
     awq = sections.get("awq") or {}
     if awq:  # AWQ's scale source beside SmoothQuant's: the ratio searched and where the scale folded
-        layers = [{**r, "awq": (f"ratio {awq[r['layer']].get('ratio')} -> "
-                               f"{str(awq[r['layer']].get('folded_into')).split()[0]}" if r.get("layer") in awq
-                               else None)} for r in layers]
+        layers = [{**r, "awq": _awq_cell(awq.get(r.get("layer")))} for r in layers]
         cols.insert(next((i + 1 for i, c in enumerate(cols) if c[0] == "smoothquant"), len(cols)), ("awq", "AWQ"))
     rows = []
     for i, r in enumerate(layers):
@@ -203,7 +211,7 @@ def render(report: Mapping[str, Any], *, timings: Mapping[str, Any] | None = Non
                       f"{_e(p.get('nodes_after'))}</td><td>{_e(stats)}</td></tr>")
     pass_table = ('<table class="sortable" id="passes"><thead><tr><th>pass</th><th>seconds</th><th>nodes</th>'
                   "<th>statistics</th></tr></thead><tbody>" + "".join(passes) + "</tbody></table>")
-    body = ("\n".join(head) + "<h2>Plan, per layer</h2>" + table + "<h2>Charts</h2>" + "".join(charts) +
+    body = ("\n".join(head) + "<h2>Charts</h2>" + "".join(charts) + "<h2>Plan, per layer</h2>" + table +
             "<h2>Passes</h2>" + pass_table)
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
             f"<style>{_CSS}</style></head><body>{body}<script>{_JS}</script></body></html>\n")
