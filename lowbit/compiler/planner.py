@@ -123,7 +123,7 @@ def plan_cost(options: Mapping[str, str], choices: Mapping[str, Choice], costs: 
 
 def search(probe: Probe, choices: Mapping[str, Choice], costs: Mapping[str, float],
            fidelity: SqnrFidelity | FunctionFidelity, *, full_sensitivity: bool = False,
-           spec_for: Callable[[str, str], LayerSpec] | None = None, progress: bool = True) -> SearchResult:
+           spec_for: Callable[[str, str], LayerSpec] | None = None, progress: bool | str = True) -> SearchResult:
     """Greedy promotion until ``fidelity(probe) >= fidelity.target``; raises FidelityError if it cannot.
 
     The sensitivity table is measured when the start plan misses the target (float gains only), or in
