@@ -141,3 +141,12 @@ def test_outputs_match_fp32_and_the_torch_reference(model, reference, compiled):
         out = q(x)
         assert sqnr(fp32, out) >= 35.0
         assert sqnr(reference(x), out) >= 35.0
+
+
+def test_layer_by_layer_against_the_torch_reference(reference, compiled):
+    """compare_layers taps each layer where the reference does: before a hardswish the engine fuses into the
+    conv, when the reference (target torch) leaves it unfused."""
+    _, q, _ = compiled
+    rep = lowbit.compare_layers(reference, q, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(7)))
+    assert len(rep.rows) == 11
+    assert min(r["sqnr_db"] for r in rep.rows) >= 30.0, str(rep)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,8 +84,11 @@ def reference_layer_outputs(gm: fx.GraphModule, flat: list[torch.Tensor]) -> tup
     return values, list(outs)
 
 
-def expose_layer_outputs(model: onnx.ModelProto, layers: list[str]) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """A copy of the model with each layer's output tensor added as a graph output."""
+def expose_layer_outputs(model: onnx.ModelProto, layers: list[str], post_op_layers: Collection[str] | None = None,
+                         ) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """A copy of the model with each layer's output tensor added as a graph output. A post-op activation the
+    engine fuses (hardswish before the layer's output Q) is part of the output, for the layers in
+    ``post_op_layers`` when given (the ones whose reference output includes it), else wherever a Q follows it."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -105,7 +109,8 @@ def expose_layer_outputs(model: onnx.ModelProto, layers: list[str]) -> tuple[onn
                 break
             u = users[0]
             if (u.op_type == "Add" and any(i in inits for i in u.input) or u.op_type in PASS_THROUGH
-                    or u.op_type in POST_OPS and any(c.op_type == "QuantizeLinear" for c in consumers.get(u.output[0], []))):
+                    or u.op_type in POST_OPS and (layer in post_op_layers if post_op_layers is not None else any(
+                        c.op_type == "QuantizeLinear" for c in consumers.get(u.output[0], [])))):
                 out = u.output[0]  # a post-op activation counts when the layer's output quantizer follows it
             elif u.op_type == "QuantizeLinear":
                 dq = consumers.get(u.output[0], [])
@@ -130,7 +135,8 @@ def compare_layers(reference: CompiledModel, deployed: CompiledModel, *args: Any
     flat = deployed.signature.flatten_call(args, kwargs)
     ref_layers, ref_out = reference_layer_outputs(reference.graph_module, flat)
     model = onnx.load(str(Path(deployed.state["model_dir"]) / "model.onnx"))
-    tapped, tensors = expose_layer_outputs(model, list(ref_layers))
+    fused = {n.meta[LAYER] for n in reference.graph_module.graph.nodes if n.meta.get(FUSED_ACT) and LAYER in n.meta}
+    tapped, tensors = expose_layer_outputs(model, list(ref_layers), post_op_layers=fused)
     engine = deployed.state["engine"]
     with tempfile.TemporaryDirectory(prefix="lowbit-layerwise-") as tmp:
         path = Path(tmp) / "model.onnx"
