@@ -18,8 +18,10 @@ in plans and reports are ``ops.<k>``.
 
 Ops, by the kind of value they read:
 
-- image: conv2d (kernel 1/3, stride 1/2, padding 0/1, groups), batch_norm, max_pool / avg_pool (2x2),
-  global_avg_pool -> vector, flatten -> vector, to_tokens ([C, H, W] -> [H*W, C]), softmax over channels
+- image: conv2d (kernel 1/3, stride 1/2, padding 0/1, groups: 1, 2, 4 or every channel -- depthwise),
+  batch_norm, max_pool / avg_pool (2x2), global_avg_pool -> vector, flatten -> vector, to_tokens
+  ([C, H, W] -> [H*W, C]), softmax over channels, squeeze_excite (MobileNetV3's gating: global average
+  pool -> 1x1 conv -> ReLU -> 1x1 conv -> hardsigmoid or sigmoid -> x * gate)
 - vector: linear, matmul_weight (``x @ W (+ b)``, a parameter W), batch_norm, layer_norm,
   unflatten -> sequence, softmax
 - sequence: linear, matmul_weight, matmul (``a @ b^T / sqrt(F)`` -> [T, T], or ``a @ b``), layer_norm,
@@ -51,7 +53,7 @@ ACTIVATIONS = ("relu", "relu6", "gelu", "hardswish", "sigmoid")
 #: so a rare op (matmul, to_tokens) is drawn as often as its family's common ones
 FAMILIES: dict[str, dict[str, tuple[str, ...]]] = {
     "image": {"layer": ("conv2d",), "norm": ("batch_norm",), "activation": ACTIVATIONS,
-              "binary": ("add", "mul", "concat"), "softmax": ("softmax",),
+              "binary": ("add", "mul", "concat", "squeeze_excite"), "softmax": ("softmax",),
               "reshape": ("max_pool", "avg_pool", "global_avg_pool", "flatten", "to_tokens")},
     "vector": {"layer": ("linear", "matmul_weight"), "norm": ("batch_norm", "layer_norm"), "activation": ACTIVATIONS,
                "binary": ("add", "mul", "concat"), "softmax": ("softmax",), "reshape": ("unflatten",)},
@@ -116,6 +118,10 @@ def infer_shape(op: dict[str, Any], shapes: Sequence[Shape]) -> Shape:
             raise ValueError("layer_norm reads vectors or sequences")
         return x
     if name in ACTIVATIONS or name == "softmax":
+        return x
+    if name == "squeeze_excite":
+        if k != "image":
+            raise ValueError("squeeze_excite reads images")
         return x
     if name in ("add", "mul"):
         if ins[0] != ins[1]:
@@ -271,6 +277,8 @@ def _draw_op(draw: st.DrawFn, name: str, src: int, shapes: Sequence[Shape]) -> d
         return _partner(draw, op, shapes) or _partner(draw, {**op, "transpose_b": True}, shapes)
     elif name in ("add", "mul", "concat"):
         return _partner(draw, op, shapes)
+    elif name == "squeeze_excite":
+        op.update(hidden=draw(st.sampled_from([2, 4, 8])), gate=draw(st.sampled_from(["hardsigmoid", "sigmoid"])))
     elif name == "softmax":
         op["dim"] = 1 if kind(x) == "image" else -1
     elif name == "unflatten":
@@ -319,6 +327,19 @@ class MatMulWeight(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.matmul(x, self.weight)
         return y + self.bias if self.bias is not None else y
+
+
+class SqueezeExcite(nn.Module):
+    """``x * gate(fc2(relu(fc1(mean(x)))))``: two 1x1 conv layers on the pooled channels gate the image."""
+
+    def __init__(self, channels: int, hidden: int, gate: str) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, hidden, 1)
+        self.fc2 = nn.Conv2d(hidden, channels, 1)
+        self.gate = nn.Hardsigmoid() if gate == "hardsigmoid" else nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
 
 
 class GlobalAvgPool(nn.Module):
@@ -387,6 +408,8 @@ def _module(op: dict[str, Any], shapes: Sequence[Shape], g: torch.Generator) -> 
         m = nn.AvgPool2d(2)
     elif name == "global_avg_pool":
         m = GlobalAvgPool()
+    elif name == "squeeze_excite":
+        m = SqueezeExcite(x[0], op["hidden"], op["gate"])
     elif name == "flatten":
         m = nn.Flatten(1)
     elif name == "to_tokens":

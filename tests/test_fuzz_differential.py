@@ -1,12 +1,13 @@
 """Random-graph differential testing (issue 7; after NNSmith and PyTorch's random-DAG tests).
 
 Hypothesis draws random valid graphs from the ops lowbit supports (``fuzz_models.py``: conv with
-groups/stride/padding, linear, matmul, batch_norm, layer_norm, relu, relu6, gelu, hardswish, sigmoid, add,
-mul, concat, reshape/flatten, pooling, softmax; residual branches and several outputs) with a fixed seed;
-``LOWBIT_FUZZ_EXAMPLES`` of them (default 32, about 100 s on 2 quiet cores), chosen so every op is compiled,
-go through every leg (``fuzz_harness.py`` states the oracles: torch reference vs FP32 SQNR >= 15 dB; ORT,
-and TensorRT's ONNX on ORT when that target exists, within 1 quantization step of the torch reference on
->= 99.9% of the elements). Inputs whose FP32 intermediates overflow are rejected up front, not failed.
+groups/stride/padding (depthwise too), squeeze-excite gating, linear, matmul, batch_norm, layer_norm, relu,
+relu6, gelu, hardswish, sigmoid, add, mul, concat, reshape/flatten, pooling, softmax; residual branches and
+several outputs) with a fixed seed; ``LOWBIT_FUZZ_EXAMPLES`` of them (default 32, about 100 s on 2 quiet
+cores), chosen so every op is compiled, go through every leg (``fuzz_harness.py`` states the oracles: torch
+reference vs FP32 SQNR >= 15 dB; ORT, OpenVINO (float ops in f32; why there) and TensorRT's ONNX on ORT
+when those exist, within 1 quantization step of the torch reference on >= 99.9% of the elements). Inputs whose FP32
+intermediates overflow are rejected up front, not failed.
 
 The examples run to the end, whatever fails, and the figures are printed (``pytest -s``)::
 
@@ -30,10 +31,12 @@ from pathlib import Path
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
 from fuzz_harness import (
+    OV_TARGET,
     SQNR_FLOOR_DB,
     TRT_TARGET,
     Outcome,
     fmt_db,
+    ov_available,
     percent,
     run_case,
     same_failure,
@@ -76,7 +79,8 @@ def test_random_graphs_compile_faithfully(tmp_path_factory):
 
     counts = collections.Counter(o.status for _, o in results)
     tried = len(results)
-    legs = ["torch", "onnxruntime-int8"] + ([f"{TRT_TARGET} (export only)"] if trt_available() else [])
+    legs = (["torch", "onnxruntime-int8"] + ([f"{OV_TARGET} (f32 float ops)"] if ov_available() else [])
+            + ([f"{TRT_TARGET} (export only)"] if trt_available() else []))
     sqnrs = [db for _, o in results if o.status == "passed" for db in o.sqnr_db]
     steps = collections.defaultdict(list)
     for _, o in results:

@@ -173,13 +173,15 @@ class OrtRunner:
 class OpenVinoRunner:
     """OpenVINO CPU. With ``static_shapes`` (the compile example's input shapes), a second model compiled
     for exactly those shapes serves calls of that shape: OpenVINO plans memory and picks kernels ahead of
-    time for static shapes (about 7% faster on MiniLM-L6 8 x 128); any other shape runs the dynamic one."""
+    time for static shapes (about 7% faster on MiniLM-L6 8 x 128); any other shape runs the dynamic one.
+    ``inference_precision="f32"`` keeps the float ops in f32 (OpenVINO's CPU default is bf16 where the CPU
+    has it): the differential test compares the integer kernels without bf16 rounding on top."""
 
     engine = "openvino"
     autograd_free = True  # numpy in, numpy out: no autograd graph to switch off
 
     def __init__(self, model_path: str | os.PathLike[str], signature: Signature, threads: int = 2,
-                 static_shapes: Sequence[Sequence[int]] | None = None) -> None:
+                 static_shapes: Sequence[Sequence[int]] | None = None, inference_precision: str | None = None) -> None:
         try:
             import openvino as ov
         except ImportError as e:
@@ -188,7 +190,9 @@ class OpenVinoRunner:
         self.signature = signature
         self.model_path = Path(model_path)
         core = ov.Core()
-        config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        if inference_precision is not None:  # "f32": float ops in f32, not bf16 (the CPU default where it has bf16)
+            config["INFERENCE_PRECISION_HINT"] = inference_precision
         model = core.read_model(str(model_path))
         self._ov = ov
         self.compiled = core.compile_model(model, "CPU", config)
