@@ -128,12 +128,16 @@ class OnnxRuntimeBackend(OnnxBackend):
         M = 1 a linear reads its weights once, and the float path re-reads them dequantized (3.5x slower
         on SmolLM2's decode step); elsewhere an 8-bit weight-only layer keeps float activations (often a
         layer the planner promoted because its activations do not survive int8)."""
-        from lowbit.backends.onnx.ort_rules import fuse_matmul_integer_to_float, reduce_mean_to_global_pool
+        from lowbit.backends.onnx.ort_rules import (
+            fuse_matmul_integer_to_float,
+            hardswish_as_qlinear_mul,
+            reduce_mean_to_global_pool,
+        )
         from lowbit.backends.onnx.weight_only import to_matmul_nbits
 
         eight_bit = bool((options or {}).get("decode_graph", False))
         return {**to_matmul_nbits(model, eight_bit=eight_bit), **fuse_matmul_integer_to_float(model),
-                **reduce_mean_to_global_pool(model)}
+                **reduce_mean_to_global_pool(model), **hardswish_as_qlinear_mul(model)}
 
 
 class OpenVinoBackend(OnnxBackend):
