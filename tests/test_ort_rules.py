@@ -1,7 +1,10 @@
-"""ort_rules.fuse_matmul_integer_to_float: every quantized linear becomes one MatMulIntegerToFloat with its
-bias inside, and ONNX Runtime computes the same numbers as from the plain QDQ graph."""
+"""ort_rules: every quantized linear becomes one MatMulIntegerToFloat with its bias inside (ONNX Runtime computes
+the same numbers as from the plain QDQ graph); a spatial ReduceMean becomes GlobalAveragePool; a quantized
+hardswish becomes a QLinearMul of its input and its quantized hardsigmoid."""
 
 from __future__ import annotations
+
+import tempfile
 
 import numpy as np
 import onnx
@@ -69,3 +72,45 @@ def test_spatial_reduce_mean_becomes_global_average_pool():
     for model in (_mean_model([1]), _mean_model([2, 3], keepdims=0)):  # (output shapes not checked)
         assert reduce_mean_to_global_pool(model) == {}
         assert model.graph.node[0].op_type == "ReduceMean"
+
+
+def _hardswish_model(scale: float = 0.05, zp: int = 100) -> onnx.ModelProto:
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array(scale, np.float32), "s"), numpy_helper.from_array(np.array(zp, np.uint8), "z"),
+             numpy_helper.from_array(np.array(0.03, np.float32), "so"), numpy_helper.from_array(np.array(20, np.uint8), "zo")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q_in"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq_in"),
+             helper.make_node("HardSwish", ["xd"], ["h"], name="act/HardSwish"),
+             helper.make_node("QuantizeLinear", ["h", "so", "zo"], ["hq"], name="q_out"),
+             helper.make_node("DequantizeLinear", ["hq", "so", "zo"], ["y"], name="dq_out")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_hardswish_becomes_a_quantized_gate_product():
+    """DQ -> HardSwish -> Q becomes x * Q(hardsigmoid(x)): ORT then runs the product as QLinearMul, and every
+    output code is within one step of the float hardswish's."""
+    import onnxruntime as ort
+
+    from lowbit.backends.onnx.ort_rules import hardswish_as_qlinear_mul
+
+    plain, model = _hardswish_model(), _hardswish_model()
+    assert hardswish_as_qlinear_mul(model) == {"hardswish_as_qlinear_mul": 1}
+    onnx.checker.check_model(model, full_check=True)
+    assert sorted(n.op_type for n in model.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")) \
+        == ["HardSigmoid", "Mul"]
+    x = np.random.default_rng(0).uniform(-5.0, 7.0, (2, 4, 8, 8)).astype(np.float32)
+    out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    ref = ort.InferenceSession(plain.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(out - ref).max() <= 0.03 + 1e-6  # at most one output step (scale 0.03)
+    opt = ort.SessionOptions()
+    opt.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    with tempfile.TemporaryDirectory() as tmp:
+        opt.optimized_model_filepath = f"{tmp}/opt.onnx"
+        ort.InferenceSession(model.SerializeToString(), opt, providers=["CPUExecutionProvider"])
+        assert "QLinearMul" in [n.op_type for n in onnx.load(opt.optimized_model_filepath).graph.node]
+    int8 = _hardswish_model()  # an int8 (symmetric) input: QLinearMul wants the uint8 gate's type: left alone
+    int8.graph.initializer[1].CopyFrom(onnx.numpy_helper.from_array(np.array(0, np.int8), "z"))
+    assert hardswish_as_qlinear_mul(int8) == {}
