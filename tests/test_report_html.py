@@ -72,6 +72,8 @@ def test_report_states_size_fidelity_on_the_engine_and_links_the_dumps(artifact)
     size = sum(f.stat().st_size for f in d.iterdir() if f.name not in ("manifest.json", "timings.json", "report.html"))
     assert f"{size / 1e6:.3g} MB artifact" in page and f"{facts['float_bytes'] / 1e6:.3g} MB float" in page
     assert f"output SQNR <b>{fid['sqnr_db']:.1f} dB</b>" in page
+    plan = q.report.sections["plan"]  # the plan's target checked on the engine too (issue 19), shown beside it
+    assert f"<b>{plan['engine_fidelity']:.4g}</b> on the engine (target met" in page
     assert page.count('<svg class="chart"') == 2  # per-layer error and sensitivity
     links = re.findall(r'href="(file://[^"]+)"', page)
     assert links and len(links) == 3 * len(q.report.passes)

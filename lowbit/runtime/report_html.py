@@ -106,6 +106,12 @@ def fidelity_text(sections: Mapping[str, Any]) -> str:
         else:
             parts.append(_e(f"plan: {plan.get('metric')} {_fmt(plan.get('fidelity'))} (target {_fmt(plan.get('target'))}) "
                             "on the reference"))
+            engine = _num(plan.get("engine_fidelity"))
+            if engine is not None:
+                met = "met" if plan.get("engine_target_met") else "NOT met"
+                replans = len(plan.get("engine_replans") or [])
+                parts.append(f"<b>{_e(_fmt(engine))}</b> on the engine (target {met}"
+                             + (f", after {replans} re-plan{'s' if replans > 1 else ''}" if replans else "") + ")")
     return "; ".join(parts) or "not measured"
 
 
