@@ -163,6 +163,11 @@ def run_cnn(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ MobileNet
 
 MOBILENET_224_BATCH = 8
+#: one row per lowbit engine, plus ORT with hardswish as a QLinearMul (ort_rules.hardswish_as_qlinear_mul)
+MOBILENET_ROWS: list[LowbitRow] = [
+    *DEFAULT_LOWBIT_ROWS,
+    LowbitRow("lowbit onnxruntime-int8, int8 hardswish", "onnxruntime-int8", {"int8_hardswish": True}),
+]
 
 
 def _lowbit_dir(workdir: Path, name: str, label: str) -> Path:
@@ -179,7 +184,9 @@ def mobilenet_profiles(workdir: Path, name: str, feed: dict[str, Any], threads: 
                  "lowbit openvino-int8": (_lowbit_dir(workdir, name, "lowbit openvino-int8") / "model.onnx", None)}
     ort_models = {"ORT FP32": workdir / f"{name}_fp32.onnx",
                   "ORT quantize_static QDQ": workdir / f"{name}_ort_static_preprocessed.onnx",
-                  "lowbit onnxruntime-int8": _lowbit_dir(workdir, name, "lowbit onnxruntime-int8") / "model.onnx"}
+                  "lowbit onnxruntime-int8": _lowbit_dir(workdir, name, "lowbit onnxruntime-int8") / "model.onnx",
+                  "lowbit onnxruntime-int8, int8 hardswish":
+                      _lowbit_dir(workdir, name, "lowbit onnxruntime-int8, int8 hardswish") / "model.onnx"}
     out: dict[str, Any] = {}
     for title, (path, cfg) in ov_models.items():
         if path.exists():
@@ -203,7 +210,8 @@ def run_mobilenet(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     log = lambda m: print(m, flush=True)  # noqa: E731
     s = cnn.setup(quick=args.quick, n_cal=args.cal_batches, epochs=args.epochs, arch="mobilenet", log=log)
     test = s["test"] if not args.quick else s["test"][: max(args.eval_batches, 1)]
-    specs = select(cnn.specs(s["model"], threads=args.threads, n_cal=len(s["cal"]), name="mobilenet32"), args.rows)
+    specs = select(cnn.specs(s["model"], threads=args.threads, n_cal=len(s["cal"]), name="mobilenet32",
+                             lowbit_rows=MOBILENET_ROWS), args.rows)
     (workdir / "digits").mkdir()
     ctx = harness.BuildContext(calibration=s["cal"], example=test[0], workdir=workdir / "digits",
                                threads=args.threads, stages=harness.StageCache())
@@ -227,7 +235,8 @@ def run_mobilenet(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         cos = torch.cat([torch.nn.functional.cosine_similarity(r, o, dim=-1) for r, o in zip(ref, outs, strict=True)])
         return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "sqnr_db": cnn.sqnr_db(ref, outs)}
 
-    specs = select(cnn.specs(model, threads=args.threads, n_cal=len(cal), name="mobilenet224"), args.rows)
+    specs = select(cnn.specs(model, threads=args.threads, n_cal=len(cal), name="mobilenet224",
+                             lowbit_rows=MOBILENET_ROWS), args.rows)
     (workdir / "r224").mkdir()
     ctx = harness.BuildContext(calibration=cal, example=timing[0], workdir=workdir / "r224", threads=args.threads,
                                stages=harness.StageCache())
@@ -251,12 +260,15 @@ def mobilenet_ratios(part: dict[str, Any]) -> list[str]:
                  ("OpenVINO + NNCF", "lowbit openvino-int8", "lowbit openvino-int8 vs OpenVINO + NNCF (target >= 1.0x)"),
                  ("FP32 onnxruntime", "lowbit onnxruntime-int8",
                   "lowbit onnxruntime-int8 vs ORT FP32 (target >= 1.3x)"),
-                 ("ORT quantize_static QDQ", "lowbit onnxruntime-int8", "lowbit onnxruntime-int8 vs ORT quantize_static"))
+                 ("ORT quantize_static QDQ", "lowbit onnxruntime-int8", "lowbit onnxruntime-int8 vs ORT quantize_static"),
+                 ("FP32 onnxruntime", "lowbit onnxruntime-int8, int8 hardswish",
+                  "lowbit onnxruntime-int8, int8 hardswish vs ORT FP32"))
         for base, row, text in pairs:
             if base in rows and row in rows:
                 lines.append(f"- {title}: {text}: {rows[base]['ms_median'] / rows[row]['ms_median']:.2f}x")
     top = {r["name"]: r.get("top1") for r in part.get("digits32", {}).get("rows", [])}
-    for row in ("lowbit openvino-int8", "lowbit onnxruntime-int8", "OpenVINO + NNCF"):
+    for row in ("lowbit openvino-int8", "lowbit onnxruntime-int8", "lowbit onnxruntime-int8, int8 hardswish",
+                "OpenVINO + NNCF"):
         if top.get(row) is not None and top.get("FP32 torch eager") is not None:
             lines.append(f"- top-1 drop of {row} vs FP32: {100 * (top['FP32 torch eager'] - top[row]):.2f} points "
                          "(target <= 0.5 for lowbit)")
