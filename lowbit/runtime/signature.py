@@ -35,6 +35,16 @@ def dtype_name(d: torch.dtype) -> str:
     return name if name is not None else str(d).replace("torch.", "")
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in ``t``. A CPU float32/float64 tensor is checked with numpy, on the calling thread: torch's
+    parallel ``isfinite`` leaves its OpenMP workers spinning after the check, and on a small CPU they then take
+    the cores from the engine the call runs next (OpenVINO at 2 threads: 58 ms a call instead of 18 ms for a
+    MobileNet at 8 x 3 x 224 x 224)."""
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
+        return bool(np.isfinite(t.detach().numpy()).all())
+    return bool(torch.isfinite(t).all())
+
+
 @dataclass(frozen=True)
 class TensorSig:
     name: str
@@ -176,7 +186,7 @@ class Signature:
                     raise error(f"{where}: dim {want!r} is {got} in {sig.name!r} but {sizes[want][0]} in "
                                 f"{sizes[want][1]!r}")
                 sizes[want] = (int(got), sig.name)
-            if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if check_finite and t.is_floating_point() and not all_finite(t):
                 bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
                 raise error(f"{where}: input {sig.name!r} contains {bad}")
 
@@ -187,7 +197,7 @@ class Signature:
         would propagate it; the quantized one would return finite garbage)."""
         for sig, t in zip(self.inputs, tensors, strict=True):
             if t.is_floating_point():
-                if t.numel() and not bool(torch.isfinite(t).all()):
+                if t.numel() and not all_finite(t):
                     pos = tuple(int(i) for i in (~torch.isfinite(t)).nonzero()[0])
                     raise error(f"{where}: input {sig.name!r} holds {float(t[pos])} at position {list(pos)}; "
                                 "a quantized model takes finite values only")
