@@ -12,6 +12,15 @@ from lowbit.passes.insert_observers import observer_nodes
 
 from helpers import call_flat, count, run_passes
 
+
+def engine_notes(target: str) -> dict:
+    """The engine choices compile() puts in ctx.notes for ``target`` (lowbit.compiler.pipeline)."""
+    from lowbit.backends.registry import get_backend
+
+    backend = get_backend(target)
+    return {"target": target, "post_op_activations": tuple(getattr(backend, "post_op_activations", ())),
+            "quantize_gating": getattr(backend, "quantize_gating", False)}
+
 aten = torch.ops.aten
 
 
@@ -77,7 +86,7 @@ def test_engine_post_op_activations_fuse_on_openvino_only():
     x = torch.randn(2, 3, 8, 8)
     for target, fused in (("openvino-int8", {"conv2d": "hardswish", "conv2d_1": "relu", "conv2d_2": "hardsigmoid"}),
                           ("onnxruntime-int8", {"conv2d_1": "relu"})):
-        gm, _, _ = run_passes(m, (x,), [FuseActivation()], notes={"target": target})
+        gm, _, _ = run_passes(m, (x,), [FuseActivation()], notes=engine_notes(target))
         assert {n.name: n.meta[meta.FUSED_ACT] for n in gm.graph.nodes if n.meta.get(meta.FUSED_ACT)} == fused
 
 
@@ -88,7 +97,7 @@ def test_squeeze_excite_product_is_quantized_in_and_out():
     x = torch.randn(2, 3, 8, 8)
     for target, new in (("onnxruntime-int8", 2), ("openvino-int8", 0)):
         gm, pm, _ = run_passes(m, (x,), [FuseActivation(), Annotate(), InsertObservers(), Calibrate()],
-                               calibration=[(x,)], notes={"target": target, "quantize_conv_outputs": True})
+                               calibration=[(x,)], notes={**engine_notes(target), "quantize_conv_outputs": True})
         stats = pm.records[2].stats
         assert stats["gating_muls_quantized"] == 1
         (mul,) = [n for n in gm.graph.nodes if n.target is aten.mul.Tensor]

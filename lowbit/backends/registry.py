@@ -30,11 +30,3 @@ def get_backend(target: str) -> Backend:
     backend: Backend = getattr(importlib.import_module(module), cls)()
     return backend
 
-
-def backend_attr(target: str | None, name: str, default: object = None) -> object:
-    """A class attribute of the backend for ``target`` (an engine choice a pass reads, such as which activations
-    the engine fuses into a conv), or ``default`` when there is no such target or attribute."""
-    if target not in TARGETS:
-        return default
-    module, cls = TARGETS[target].split(":")
-    return getattr(getattr(importlib.import_module(module), cls), name, default)

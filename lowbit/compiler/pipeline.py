@@ -116,7 +116,10 @@ def compile_model(
                      **{k: bool(options.get(k, getattr(backend, k, False)))
                         for k in ("quantize_residual_adds", "quantize_attention_scores")},
                      symmetric_activations=getattr(backend, "symmetric_activations", False),
-                     int8_embeddings=getattr(backend, "int8_embeddings", True))
+                     int8_embeddings=getattr(backend, "int8_embeddings", True),
+                     # what the engine fuses: conv post-op activations, int8 squeeze-excite products and pools
+                     post_op_activations=tuple(getattr(backend, "post_op_activations", ())),
+                     quantize_gating=getattr(backend, "quantize_gating", False))
     instruments: list[Any] = [VerifyInstrument(), TimingInstrument()]
     dump = dump_dir or os.environ.get("LOWBIT_DUMP_DIR")
     ctx.notes["dump_dir"] = dump  # a backend that cannot finish writes what it has there (tensorrt-int8)

@@ -6,7 +6,7 @@ breaks the integer kernels' fused epilogue. The pass rewrites nothing; it record
 insert_observers then places any output observer after the activation.
 
 Every target fuses relu, relu6 and clamp(0, x). A backend whose engine also fuses other activations into
-the conv as a post-op lists them in ``post_op_activations`` (OpenVINO: hardswish, hardsigmoid, sigmoid,
+the conv as a post-op lists them in ``post_op_activations`` (``ctx.notes``, from the backend) (OpenVINO: hardswish, hardsigmoid, sigmoid,
 silu, as NNCF's OpenVINO pattern ``LINEAR_ACTIVATIONS`` = a linear op followed by one of
 ``ATOMIC_ACTIVATIONS_OPERATIONS``, nncf/openvino/hardware/fused_patterns.py): conv + hardswish + Q then
 runs as one int8 conv. ONNX Runtime's QLinearConv takes no activation but Relu/Clip (its QDQ selectors
@@ -46,9 +46,7 @@ class FuseActivation(Pass):
     name = "fuse_activation"
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        from lowbit.backends.registry import backend_attr
-
-        post_ops = {t for name in backend_attr(ctx.notes.get("target"), "post_op_activations", ()) or ()
+        post_ops = {t for name in ctx.notes.get("post_op_activations", ())
                     for t in POST_OP_ACTIVATIONS[name]}
         fused = 0
         for node in gm.graph.nodes:

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import fx
 
-from lowbit.backends.registry import backend_attr
 from lowbit.compiler import meta
 from lowbit.compiler.graph import annotated_nodes, observer_of
 from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
@@ -79,7 +78,7 @@ class InsertObservers(Pass):
                 outputs += 1
         residual = self._quantize_residual_adds(gm, observer_for) if ctx.notes.get("quantize_residual_adds") else 0
         gates = pools = 0
-        if backend_attr(ctx.notes.get("target"), "quantize_gating", False):
+        if ctx.notes.get("quantize_gating"):
             gates = self._quantize_gating_muls(gm, observer_for)
             pools = self._pool_int8_inputs(gm)
         gm.recompile()
