@@ -1,5 +1,7 @@
 """The lowbit command on a saved ONNX artifact: inspect, verify (and refuse a tampered one), run."""
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -74,6 +76,8 @@ def test_quantize_eval_generate_bench_from_the_shell(llm_folder, capsys) -> None
                  "--calibration", str(d / "cal.txt"), "--samples", "4", "--seq-len", "64", "--export", "gguf"]) == 0
     printed = capsys.readouterr().out
     assert "MatMulNBits" in printed and f"saved {out}" in printed and (d / "tiny-w4-gguf" / "model.gguf").is_file()
+    fid = re.search(r"fidelity on the engine: perplexity ([\d.]+) against float ([\d.]+) .* \((\d+) tokens\)", printed)
+    assert fid and int(fid.group(3)) == 64 and abs(float(fid.group(1)) / float(fid.group(2)) - 1) < 0.05, fid
     assert main(["eval", str(out), "--text", str(d / "eval.txt"), "--seq-len", "64", "--max-tokens", "512",
                  "--model", str(d / "tiny")]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -103,4 +107,4 @@ def test_every_option_is_listed_with_its_default(capsys) -> None:
     for option in ("--target", "--scheme", "--group-size", "--weight-method", "--calibration", "--samples",
                    "--seq-len", "--target-ppl-increase", "--export", "--dump-dir"):
         assert option in text
-    assert "(default: onnxruntime-int8)" in text and "(default: 128)" in text
+    assert "(default: onnxruntime-int8)" in text and "(default: 32)" in text

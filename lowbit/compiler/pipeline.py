@@ -140,7 +140,8 @@ def compile_model(
     report = compiled.report
     report.sections["model"] = model_facts(model)
     if not options.get("decode_graph"):  # a causal LM's step graph: its model measures the whole
-        report.sections["fidelity"] = measure_fidelity(compiled, captured, example_out, causal_lm and decode)
+        report.sections["fidelity"] = (measure_fidelity(compiled, captured, example_out, causal_lm and decode)
+                                       if check_engine else {"note": "not measured on the engine (engine_fidelity=False)"})
     fid = ctx.notes.get("fidelity_measure")
     if fid is not None and check_engine and not causal_lm:
         # the plan's target must hold on the engine, not only on the reference (engine_fidelity.py)
@@ -152,6 +153,7 @@ def compile_model(
 
         best = engine_fidelity.hold(compiled, fid, config, replan)
         if best is not compiled:  # a re-plan: it wrote its own dump; its page gets the engine's figures
+            best.report.sections["fidelity"] = measure_fidelity(best, captured, example_out, False)
             if dump:
                 write_report_page(best.report, dump)
             return best
@@ -178,8 +180,6 @@ def measure_fidelity(compiled: CompiledModel, captured: Any, example_out: Any, c
     tokens for a causal LM, else SQNR and cosine of all floating-point outputs together."""
     from lowbit.evaluate import logits_of, token_nll
 
-    with torch.no_grad():
-        out = compiled(*captured.args, **captured.kwargs)
     where = "the compile example"
     if causal_lm:
         flat = [t for t in pytree.tree_leaves((captured.args, captured.kwargs)) if isinstance(t, torch.Tensor)]
@@ -187,9 +187,14 @@ def measure_fidelity(compiled: CompiledModel, captured: Any, example_out: Any, c
         if ids.shape[-1] < 2:
             return {"metric": "perplexity", "on": where, "note": "the example has one token: nothing to score"}
         rows = 1 if bool((ids == ids[:1]).all()) else ids.shape[0]  # capture widens a batch-1 example by repeating it
+        with torch.no_grad():
+            out = compiled(ids[:rows])
         nll = [float(token_nll(logits_of(o)[:rows], ids[:rows]).double().mean()) for o in (example_out, out)]
         return {"metric": "perplexity", "float": math.exp(nll[0]), "quantized": math.exp(nll[1]),
                 "tokens": int(ids[:rows].numel()), "on": where}
+
+    with torch.no_grad():
+        out = compiled(*captured.args, **captured.kwargs)
 
     def floats(o: Any) -> torch.Tensor:
         leaves = [t.detach().double().flatten() for t in pytree.tree_leaves(logits_or(o))
