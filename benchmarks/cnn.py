@@ -120,10 +120,11 @@ class MobileNet(nn.Module):
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm statistics for a random-weight model (the speed workload), in eval mode."""
+    """Non-trivial BatchNorm statistics for a random-weight model (the speed workload; the tests' models, so
+    folding is really tested), in eval mode."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             n = m.num_features
             m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(n, generator=g) + 0.5)

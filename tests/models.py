@@ -40,17 +40,21 @@ class SmallResNet(nn.Module):
         return self.fc(self.drop(torch.flatten(self.pool(x), 1)))
 
 
+def _cnn():
+    """benchmarks/cnn.py, where the CNN building blocks live (imported on first use: it pulls in the benchmark
+    harness)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cnn
+
+    return cnn
+
+
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give BatchNorms non-trivial statistics so folding is really tested."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
-    return model.eval()
+    """Give BatchNorms non-trivial statistics so folding is really tested (benchmarks/cnn.py's)."""
+    return _cnn().randomize_bn(model, seed)
 
 
 def tiny_bert(seed: int = 0, layers: int = 2, hidden: int = 64):
@@ -103,37 +107,6 @@ class ChannelOutlier(nn.Module):
         return self.last(torch.relu(self.mid(torch.relu(self.first(x)))))
 
 
-class SqueezeExcite(nn.Module):
-    """x * gate(fc2(relu(fc1(mean(x))))): MobileNetV3's channel gating."""
-
-    def __init__(self, ch: int, reduce: int = 4, gate: type[nn.Module] = nn.Hardsigmoid) -> None:
-        super().__init__()
-        self.fc1 = nn.Conv2d(ch, ch // reduce, 1)
-        self.fc2 = nn.Conv2d(ch // reduce, ch, 1)
-        self.gate = gate()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gate(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
-
-
-class InvertedResidual(nn.Module):
-    """1x1 expand + BN + ReLU6, 3x3 depthwise + BN + hardswish, squeeze-excite, 1x1 project + BN, residual add."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1, expand: int = 4, se: bool = True) -> None:
-        super().__init__()
-        hidden = cin * expand
-        self.expand = nn.Sequential(nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6())
-        self.dw = nn.Sequential(nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
-                                nn.BatchNorm2d(hidden), nn.Hardswish())
-        self.se = SqueezeExcite(hidden) if se else nn.Identity()
-        self.project = nn.Sequential(nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
-        self.residual = stride == 1 and cin == cout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.project(self.se(self.dw(self.expand(x))))
-        return x + y if self.residual else y
-
-
 class TinyMobileNet(nn.Module):
     """A MobileNetV2/V3-style CNN: conv stem + BN + hardswish, two inverted residual blocks (the first with a
     residual add), global average pooling and a linear head."""
@@ -141,8 +114,9 @@ class TinyMobileNet(nn.Module):
     def __init__(self, in_ch: int = 3, classes: int = 10, width: int = 16) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_ch, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.Hardswish())
-        self.b1 = InvertedResidual(width, width)
-        self.b2 = InvertedResidual(width, 24, stride=2)
+        block = _cnn().InvertedResidual  # 1x1 expand x4 + ReLU6, depthwise + hardswish, squeeze-excite, project
+        self.b1 = block(width, 4 * width, width)
+        self.b2 = block(width, 4 * width, 24, stride=2)
         self.fc = nn.Linear(24, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,16 +126,9 @@ class TinyMobileNet(nn.Module):
 def tiny_mobilenet(seed: int = 0) -> nn.Module:
     """benchmarks/cnn.py's MobileNet cut to two inverted-residual blocks (the second with squeeze-excite and a
     residual add), 3 input channels, random weights and BatchNorm statistics, eval mode."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from cnn import MobileNet
-    from cnn import randomize_bn as randomize_bn2d
-
     torch.manual_seed(seed)
-    model = MobileNet(in_ch=3, stem=16, blocks=((32, 16, 1, False), (48, 16, 1, True)), last=32)
-    return randomize_bn2d(model, seed)
+    model = _cnn().MobileNet(in_ch=3, stem=16, blocks=((32, 16, 1, False), (48, 16, 1, True)), last=32)
+    return randomize_bn(model, seed)
 
 
 def mobilenet_cal(n: int = 4) -> list[tuple[torch.Tensor]]:

@@ -25,7 +25,8 @@ def json_safe(v: Any) -> Any:
     return v
 
 
-def _fmt(v: Any) -> str:
+def fmt(v: Any) -> str:
+    """A figure as the reports print it: 4 significant digits, "inf", "-" for none."""
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -44,7 +45,7 @@ class Report:
 
     def table(self) -> str:
         cols = [c for c in COLUMNS if any(c[0] in row for row in self.layers)]
-        rows = [[_fmt(r.get(k)) for k, _ in cols] for r in self.layers]
+        rows = [[fmt(r.get(k)) for k, _ in cols] for r in self.layers]
         head = [h for _, h in cols]
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
         lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)),
@@ -64,32 +65,32 @@ class Report:
         parts = [self.summary(), self.table()]
         fid = self.sections.get("fidelity") or {}
         if "quantized" in fid:
-            parts.append(f"\nfidelity on the engine: perplexity {_fmt(fid['quantized'])} against float "
-                         f"{_fmt(fid['float'])} ({fid['quantized'] / fid['float'] - 1:+.2%}) on {fid['on']} "
+            parts.append(f"\nfidelity on the engine: perplexity {fmt(fid['quantized'])} against float "
+                         f"{fmt(fid['float'])} ({fid['quantized'] / fid['float'] - 1:+.2%}) on {fid['on']} "
                          f"({fid['tokens']} tokens)")
         elif "sqnr_db" in fid:
-            parts.append(f"\nfidelity on the engine: output SQNR {_fmt(fid['sqnr_db'])} dB, cosine "
+            parts.append(f"\nfidelity on the engine: output SQNR {fmt(fid['sqnr_db'])} dB, cosine "
                          f"{fid['cosine']:.5f} against the float model on {fid['on']}")
         plan = self.sections.get("plan")
         if plan:
-            parts.append(f"\nplan: {plan['metric']} {_fmt(plan['fidelity'])} (target {_fmt(plan['target'])}; "
-                         f"all at the start scheme {_fmt(plan['start_fidelity'])}), relative cost "
+            parts.append(f"\nplan: {plan['metric']} {fmt(plan['fidelity'])} (target {fmt(plan['target'])}; "
+                         f"all at the start scheme {fmt(plan['start_fidelity'])}), relative cost "
                          f"{plan['relative_cost']:.3f} (start {plan['start_cost']:.3f}), "
                          f"{plan['evaluations']} evaluations")
             engine = plan.get("engine_fidelity")
             if isinstance(engine, (int, float)):
                 replans = plan.get("engine_replans") or []
-                parts.append(f"plan: {plan['metric']} {_fmt(engine)} on the engine (reference {_fmt(plan['fidelity'])}; "
+                parts.append(f"plan: {plan['metric']} {fmt(engine)} on the engine (reference {fmt(plan['fidelity'])}; "
                              f"target {'met' if plan.get('engine_target_met') else 'NOT met'}"
                              + (f" after {len(replans)} re-plan(s)" if replans else "") + ")")
             if "float_ppl" in plan:
-                parts.append(f"plan: perplexity {_fmt(plan['ppl'])} against float {_fmt(plan['float_ppl'])} "
+                parts.append(f"plan: perplexity {fmt(plan['ppl'])} against float {fmt(plan['float_ppl'])} "
                              f"(+{plan['ppl'] / plan['float_ppl'] - 1:.2%}; budget +{plan['target_ppl_increase']:.2%}; "
-                             f"all at the start scheme {_fmt(plan['start_ppl'])}) on the fidelity batches")
+                             f"all at the start scheme {fmt(plan['start_ppl'])}) on the fidelity batches")
         embeddings = self.sections.get("embeddings")
         if embeddings and embeddings.get("tables"):
             parts.append("\nembedding tables as int8 rows: " + "; ".join(
-                f"{name} {t['float_mb']:g} -> {t['int8_mb']:g} MB ({_fmt(t['sqnr_db'])} dB)"
+                f"{name} {t['float_mb']:g} -> {t['int8_mb']:g} MB ({fmt(t['sqnr_db'])} dB)"
                 for name, t in embeddings["tables"].items()))
         engine = self.sections.get("engine")
         if engine:

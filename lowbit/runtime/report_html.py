@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lowbit.runtime.report import COLUMNS
+from lowbit.runtime.report import COLUMNS, fmt
 
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#1d232b;background:#fff}
@@ -67,11 +67,6 @@ def _cell(v: Any) -> str:
     return f"<td>{_e('-' if v is None else v)}</td>"
 
 
-def _fmt(v: Any) -> str:
-    n = _num(v)
-    return str(v) if n is None else ("inf" if math.isinf(n) else f"{n:.4g}")
-
-
 def _awq_cell(entry: Mapping[str, Any] | None) -> str | None:
     """AWQ's scale source of a layer: the exponent it searched (s = mean|x|^ratio) and what the scale folded into."""
     if not entry:
@@ -104,13 +99,13 @@ def fidelity_text(sections: Mapping[str, Any]) -> str:
         if "float_ppl" in plan:
             parts.append(f"plan: perplexity {plan['ppl']:.4g} vs float {plan['float_ppl']:.4g} on the fidelity batches")
         else:
-            parts.append(_e(f"plan: {plan.get('metric')} {_fmt(plan.get('fidelity'))} (target {_fmt(plan.get('target'))}) "
+            parts.append(_e(f"plan: {plan.get('metric')} {fmt(plan.get('fidelity'))} (target {fmt(plan.get('target'))}) "
                             "on the reference"))
             engine = _num(plan.get("engine_fidelity"))
             if engine is not None:
                 met = "met" if plan.get("engine_target_met") else "NOT met"
                 replans = len(plan.get("engine_replans") or [])
-                parts.append(f"<b>{_e(_fmt(engine))}</b> on the engine (target {met}"
+                parts.append(f"<b>{_e(fmt(engine))}</b> on the engine (target {met}"
                              + (f", after {replans} re-plan{'s' if replans > 1 else ''}" if replans else "") + ")")
     return "; ".join(parts) or "not measured"
 

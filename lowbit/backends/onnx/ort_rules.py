@@ -37,6 +37,9 @@ and the layer-wise comparison still map it back.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
 import onnx
 from onnx import helper
@@ -78,18 +81,22 @@ def _match(g: Graph, mm: onnx.NodeProto, prod: dict[str, onnx.NodeProto],
     return dx, dw, add
 
 
+def _matches(g: Graph, op_type: str, match: Any) -> Iterator[tuple[onnx.NodeProto, Any]]:
+    """(node, match) for every ``op_type`` node that ``match(g, node, producers, consumers)`` accepts (a string
+    is its reason not to); producers and consumers as the graph was before the first rewrite."""
+    prod, cons = g.producers(), g.consumers()
+    for node in list(g.g.node):
+        if node.op_type == op_type:
+            m = match(g, node, prod, cons)
+            if not isinstance(m, str):
+                yield node, m
+
+
 def fuse_matmul_integer_to_float(model: onnx.ModelProto) -> dict[str, int]:
     """Rewrite every matching quantized MatMul (+ bias Add) in place; returns what fired."""
     g = Graph(model)
-    prod, cons = g.producers(), g.consumers()
     fused = with_bias = 0
-    for mm in list(g.g.node):
-        if mm.op_type != "MatMul":
-            continue
-        m = _match(g, mm, prod, cons)
-        if isinstance(m, str):
-            continue
-        dx, dw, add = m
+    for mm, (dx, dw, add) in _matches(g, "MatMul", _match):
         bias = next(i for i in add.input if i != mm.output[0]) if add is not None else ""
         out = add.output[0] if add is not None else mm.output[0]
         layer = mm.name.rpartition("/")[0]
@@ -171,15 +178,9 @@ def _hardswish_match(g: Graph, hs: onnx.NodeProto, prod: dict[str, onnx.NodeProt
 def hardswish_as_qlinear_mul(model: onnx.ModelProto) -> dict[str, int]:
     """Rewrite every matching ``DQ -> HardSwish -> Q`` as a quantized gate times its input (see above)."""
     g = Graph(model)
-    prod, cons = g.producers(), g.consumers()
     fired = 0
     scale = zero = ""
-    for hs in list(g.g.node):
-        if hs.op_type != "HardSwish":
-            continue
-        m = _hardswish_match(g, hs, prod, cons)
-        if isinstance(m, str):
-            continue
+    for hs, m in _matches(g, "HardSwish", _hardswish_match):
         if not scale:
             scale = g.add_initializer(np.array(GATE_SCALE, dtype=np.float32), "hardswish_gate_scale")
             zero = g.add_initializer(np.array(0, dtype=np.uint8), "hardswish_gate_zero_point")
