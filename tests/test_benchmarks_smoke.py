@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import sys
@@ -271,3 +272,19 @@ def test_mobilenet_section_profiles_ratios_and_markdown(tmp_path: Path) -> None:
     assert any(r.startswith("- top-1 drop of lowbit openvino-int8 vs FP32: 0.50 points") for r in ratios)
     text = "\n".join(cpu.render_mobilenet(part))
     assert "## MobileNet-style CNN" in text and "SQNR dB" in text and "| Conv |" in text and "3.00x" in text
+
+
+def test_no_benchmark_or_example_module_shadows_a_library():
+    """benchmarks/ and examples/ sit on sys.path in the test process (and are sys.path[0] when their scripts
+    run): a module named like a library a dependency probes for is imported in its place (a `kernels.py`
+    here once broke `import transformers` when transformers 5.25 began importing `kernels`)."""
+    import re
+
+    import transformers.utils.import_utils as iu
+
+    probed = set(re.findall(r'_is_package_available\(\s*"([A-Za-z0-9_]+)"', Path(iu.__file__).read_text()))
+    installed = set(importlib.metadata.packages_distributions())
+    root = BENCH.parent
+    stems = {p.stem for folder in ("benchmarks", "examples") for p in (root / folder).glob("*.py")}
+    assert "gguf" in probed and "torch" in installed  # the two lists were read
+    assert stems & (probed | installed) == set(), f"rename: {sorted(stems & (probed | installed))}"

@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py: its CPU paths (no-GPU exit and the interpreter dry run) work end to end."""
+"""benchmarks/gpu_kernels.py: its CPU paths (no-GPU exit and the interpreter dry run) work end to end."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton.
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_kernels.py"
 
 
 @pytest.fixture(scope="module")

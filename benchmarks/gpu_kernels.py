@@ -1,7 +1,7 @@
 """Benchmark lowbit's Triton kernels on Llama-7B linear shapes against cuBLAS and torch._int_mm.
 
-    python benchmarks/kernels.py [--check] [--out benchmarks/results/kernels.json]
-    python benchmarks/kernels.py --dry-run        # no GPU: tiny shapes, interpreter, correctness
+    python benchmarks/gpu_kernels.py [--check] [--out benchmarks/results/kernels.json]
+    python benchmarks/gpu_kernels.py --dry-run        # no GPU: tiny shapes, interpreter, correctness
 
 For every (N, K) in Llama-7B's linears (4096x4096 attention, 11008x4096 up/gate, 4096x11008 down)
 and M in {1, 16, 128, 4096} it times, with L2 flushed before every run (a 256 MB write, > the
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not torch.cuda.is_available():
             print(
-                "benchmarks/kernels.py: no CUDA device found. This benchmark times GPU kernels; run it on a "
+                "benchmarks/gpu_kernels.py: no CUDA device found. This benchmark times GPU kernels; run it on a "
                 "CUDA machine, or use --dry-run to check the kernels on CPU under TRITON_INTERPRET=1.",
                 file=sys.stderr,
             )
