@@ -74,12 +74,11 @@ def test_float_and_unfused_layers_read_float_and_the_rest_int8(compiled):
     assert engine["int8_share"] <= 1 - macs[WEIGHT_ONLY] / sum(macs.values()) + 1e-9 < 1.0
 
 
+@pytest.mark.parametrize("compiled", ["openvino-int8"], indirect=True)
 def test_openvino_report_matches_its_perf_counters(compiled, tmp_path):
     """Every reported kernel is the exec type OpenVINO's own profiler gives the layer's compute node, on a
     fresh compile of the saved model at the example's shape."""
     target, q = compiled
-    if target != "openvino-int8":
-        pytest.skip("OpenVINO perf counters")
     import openvino as ov
 
     runner = q.state["runner"]
@@ -109,11 +108,10 @@ def test_openvino_report_matches_its_perf_counters(compiled, tmp_path):
     assert checked == len(engine["layers"]) + 1
 
 
+@pytest.mark.parametrize("compiled", ["onnxruntime-int8"], indirect=True)
 def test_onnxruntime_report_matches_its_profile(compiled, tmp_path):
     """Every reported kernel is the op ONNX Runtime's profiler timed for the layer's compute node."""
     target, q = compiled
-    if target != "onnxruntime-int8":
-        pytest.skip("ONNX Runtime profile")
     import onnxruntime as ort
 
     runner = q.state["runner"]
