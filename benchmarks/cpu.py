@@ -163,10 +163,12 @@ def run_cnn(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ MobileNet
 
 MOBILENET_224_BATCH = 8
-#: one row per lowbit engine, plus ORT with hardswish as a QLinearMul (ort_rules.hardswish_as_qlinear_mul)
+#: one row per lowbit engine, plus ORT with its hardswish in float (quantize_hardswish_gate=False: the
+#: default writes it as x * Q(hardsigmoid(x)), run as QLinearAdd + QLinearMul)
+FLOAT_HARDSWISH = "lowbit onnxruntime-int8, float hardswish"
 MOBILENET_ROWS: list[LowbitRow] = [
     *DEFAULT_LOWBIT_ROWS,
-    LowbitRow("lowbit onnxruntime-int8, int8 hardswish", "onnxruntime-int8", {"int8_hardswish": True}),
+    LowbitRow(FLOAT_HARDSWISH, "onnxruntime-int8", {"quantize_hardswish_gate": False}),
 ]
 
 
@@ -185,8 +187,7 @@ def mobilenet_profiles(workdir: Path, name: str, feed: dict[str, Any], threads: 
     ort_models = {"ORT FP32": workdir / f"{name}_fp32.onnx",
                   "ORT quantize_static QDQ": workdir / f"{name}_ort_static_preprocessed.onnx",
                   "lowbit onnxruntime-int8": _lowbit_dir(workdir, name, "lowbit onnxruntime-int8") / "model.onnx",
-                  "lowbit onnxruntime-int8, int8 hardswish":
-                      _lowbit_dir(workdir, name, "lowbit onnxruntime-int8, int8 hardswish") / "model.onnx"}
+                  FLOAT_HARDSWISH: _lowbit_dir(workdir, name, FLOAT_HARDSWISH) / "model.onnx"}
     out: dict[str, Any] = {}
     for title, (path, cfg) in ov_models.items():
         if path.exists():
@@ -261,13 +262,12 @@ def mobilenet_ratios(part: dict[str, Any]) -> list[str]:
                  ("FP32 onnxruntime", "lowbit onnxruntime-int8",
                   "lowbit onnxruntime-int8 vs ORT FP32 (target >= 1.3x)"),
                  ("ORT quantize_static QDQ", "lowbit onnxruntime-int8", "lowbit onnxruntime-int8 vs ORT quantize_static"),
-                 ("FP32 onnxruntime", "lowbit onnxruntime-int8, int8 hardswish",
-                  "lowbit onnxruntime-int8, int8 hardswish vs ORT FP32"))
+                 ("FP32 onnxruntime", FLOAT_HARDSWISH, f"{FLOAT_HARDSWISH} vs ORT FP32"))
         for base, row, text in pairs:
             if base in rows and row in rows:
                 lines.append(f"- {title}: {text}: {rows[base]['ms_median'] / rows[row]['ms_median']:.2f}x")
     top = {r["name"]: r.get("top1") for r in part.get("digits32", {}).get("rows", [])}
-    for row in ("lowbit openvino-int8", "lowbit onnxruntime-int8", "lowbit onnxruntime-int8, int8 hardswish",
+    for row in ("lowbit openvino-int8", "lowbit onnxruntime-int8", FLOAT_HARDSWISH,
                 "OpenVINO + NNCF"):
         if top.get(row) is not None and top.get("FP32 torch eager") is not None:
             lines.append(f"- top-1 drop of {row} vs FP32: {100 * (top['FP32 torch eager'] - top[row]):.2f} points "

@@ -1,6 +1,6 @@
 """ort_rules: every quantized linear becomes one MatMulIntegerToFloat with its bias inside (ONNX Runtime computes
 the same numbers as from the plain QDQ graph); a spatial ReduceMean becomes GlobalAveragePool; a quantized
-hardswish becomes a QLinearMul of its input and its quantized hardsigmoid."""
+hardswish's quantized gate becomes an integer add."""
 
 from __future__ import annotations
 
@@ -74,14 +74,21 @@ def test_spatial_reduce_mean_becomes_global_average_pool():
         assert model.graph.node[0].op_type == "ReduceMean"
 
 
-def _hardswish_model(scale: float = 0.05, zp: int = 100) -> onnx.ModelProto:
+def _gate_model(scale: float = 0.05, zp: int = 100, gate_scale: float = 1.0 / 255.0) -> onnx.ModelProto:
+    """hardswish as insert_observers writes it on ONNX Runtime: x * Q(hardsigmoid(x); 1/255, 0), both Q/DQ'd."""
     from onnx import TensorProto, helper, numpy_helper
 
     inits = [numpy_helper.from_array(np.array(scale, np.float32), "s"), numpy_helper.from_array(np.array(zp, np.uint8), "z"),
+             numpy_helper.from_array(np.array(gate_scale, np.float32), "sg"),
+             numpy_helper.from_array(np.array(0, np.uint8), "zg"),
              numpy_helper.from_array(np.array(0.03, np.float32), "so"), numpy_helper.from_array(np.array(20, np.uint8), "zo")]
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q_in"),
              helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq_in"),
-             helper.make_node("HardSwish", ["xd"], ["h"], name="act/HardSwish"),
+             helper.make_node("HardSigmoid", ["xd"], ["g"], name="act/HardSigmoid", alpha=1.0 / 6.0, beta=0.5),
+             helper.make_node("QuantizeLinear", ["g", "sg", "zg"], ["gq"], name="q_gate"),
+             helper.make_node("DequantizeLinear", ["gq", "sg", "zg"], ["gd"], name="dq_gate"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd2"], name="dq_in2"),
+             helper.make_node("Mul", ["xd2", "gd"], ["h"], name="act/Mul"),
              helper.make_node("QuantizeLinear", ["h", "so", "zo"], ["hq"], name="q_out"),
              helper.make_node("DequantizeLinear", ["hq", "so", "zo"], ["y"], name="dq_out")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 8, 8])],
@@ -89,28 +96,46 @@ def _hardswish_model(scale: float = 0.05, zp: int = 100) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
-def test_hardswish_becomes_a_quantized_gate_product():
-    """DQ -> HardSwish -> Q becomes x * Q(hardsigmoid(x)): ORT then runs the product as QLinearMul, and every
-    output code is within one step of the float hardswish's."""
+def _ort_ops(model: onnx.ModelProto) -> list[str]:
     import onnxruntime as ort
 
-    from lowbit.backends.onnx.ort_rules import hardswish_as_qlinear_mul
-
-    plain, model = _hardswish_model(), _hardswish_model()
-    assert hardswish_as_qlinear_mul(model) == {"hardswish_as_qlinear_mul": 1}
-    onnx.checker.check_model(model, full_check=True)
-    assert sorted(n.op_type for n in model.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")) \
-        == ["HardSigmoid", "Mul"]
-    x = np.random.default_rng(0).uniform(-5.0, 7.0, (2, 4, 8, 8)).astype(np.float32)
-    out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    ref = ort.InferenceSession(plain.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    assert np.abs(out - ref).max() <= 0.03 + 1e-6  # at most one output step (scale 0.03)
     opt = ort.SessionOptions()
     opt.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     with tempfile.TemporaryDirectory() as tmp:
         opt.optimized_model_filepath = f"{tmp}/opt.onnx"
         ort.InferenceSession(model.SerializeToString(), opt, providers=["CPUExecutionProvider"])
-        assert "QLinearMul" in [n.op_type for n in onnx.load(opt.optimized_model_filepath).graph.node]
-    int8 = _hardswish_model()  # an int8 (symmetric) input: QLinearMul wants the uint8 gate's type: left alone
+        return sorted(n.op_type for n in onnx.load(opt.optimized_model_filepath).graph.node)
+
+
+def test_hardswish_gate_becomes_an_integer_add_with_the_same_codes():
+    """DQ -> HardSigmoid -> Q(1/255, 0) becomes DQ, DQ(3) -> Add -> Q(6/255, 0): ORT then runs the gate as
+    QLinearAdd and the product as QLinearMul, no float pass between the graph's own Q/DQ, and the output is
+    the float gate's, code for code but at a rounding tie, on a sweep over every input code."""
+    import onnxruntime as ort
+
+    from lowbit.backends.onnx.ort_rules import hardsigmoid_as_qlinear_add
+
+    plain, model = _gate_model(), _gate_model()
+    assert hardsigmoid_as_qlinear_add(model) == {"hardsigmoid_as_qlinear_add": 1}
+    onnx.checker.check_model(model, full_check=True)
+    assert sorted(n.op_type for n in model.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")) \
+        == ["Add", "Mul"]
+    codes = np.arange(256, dtype=np.float32)  # every input code, on a non-integer-aligned grid
+    x = np.resize((codes - 100) * 0.05, (2, 4, 8, 8)).astype(np.float32)
+    out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    ref = ort.InferenceSession(plain.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    diff = np.abs(out - ref)
+    # the same codes but at a half-code tie of the gate, where the two float roundings may part: 1 of the 256
+    # input codes here, one output step (0.03)
+    assert diff.max() <= 0.03 + 1e-6 and (diff > 1e-6).mean() <= 1 / 256 + 1e-9, (diff.max(), (diff > 1e-6).mean())
+    assert _ort_ops(model) == ["DequantizeLinear", "QLinearAdd", "QLinearMul", "QuantizeLinear"]
+    assert "HardSigmoid" in _ort_ops(plain)  # without the rule the gate is float
+
+
+def test_hardsigmoid_off_the_gate_grid_or_signed_is_left_alone():
+    from lowbit.backends.onnx.ort_rules import hardsigmoid_as_qlinear_add
+
+    assert hardsigmoid_as_qlinear_add(_gate_model(gate_scale=0.01)) == {}  # another grid: not relu6's clip
+    int8 = _gate_model()  # an int8 (symmetric) input: QLinearAdd wants the uint8 gate's type: left alone
     int8.graph.initializer[1].CopyFrom(onnx.numpy_helper.from_array(np.array(0, np.int8), "z"))
-    assert hardswish_as_qlinear_mul(int8) == {}
+    assert hardsigmoid_as_qlinear_add(int8) == {}

@@ -114,7 +114,7 @@ def compile_model(
                      quantize_conv_outputs=getattr(backend, "quantize_conv_outputs", False),
                      # engine choices a call may override (compile(..., quantize_attention_scores=False))
                      **{k: bool(options.get(k, getattr(backend, k, False)))
-                        for k in ("quantize_residual_adds", "quantize_attention_scores")},
+                        for k in ("quantize_residual_adds", "quantize_attention_scores", "quantize_hardswish_gate")},
                      symmetric_activations=getattr(backend, "symmetric_activations", False),
                      int8_embeddings=getattr(backend, "int8_embeddings", True),
                      # what the engine fuses: conv post-op activations, int8 squeeze-excite products and pools

@@ -7,7 +7,8 @@ from the weight itself.
 
 Engine choices (backend attributes): ``quantize_residual_adds`` quantizes CNN residual joins in and out;
 ``quantize_gating`` quantizes squeeze-excite products ``x * gate`` in and out and lets a pooling read an
-int8 feature map through the quantizer another reader already has on it.
+int8 feature map through the quantizer another reader already has on it. ``quantize_hardswish_gate`` writes a
+hardswish between two quantizers as ``x * Q(hardsigmoid(x))``, the gate on a fixed [0, 1] grid.
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
 from lowbit.compiler.patterns import feature_pools, gating_muls, residual_adds
 from lowbit.config import QuantConfig
 from lowbit.passes.fuse_activation import output_node
-from lowbit.runtime.observers import Observer, make_observer
+from lowbit.runtime.observers import HARDSIGMOID_QPARAMS, FixedQParamsObserver, Observer, make_observer
 from lowbit.runtime.spec import QuantSpec
 
 aten = torch.ops.aten
+
+HARDSWISH = (aten.hardswish.default, aten.hardswish_.default)
+#: hardswish's gate: hardsigmoid's [0, 1] on uint8, 1.0 a code (the input must be uint8 too: QLinearMul)
+GATE_SPEC = QuantSpec(dtype="uint8", symmetric=False)
 
 
 class InsertObservers(Pass):
@@ -38,7 +43,6 @@ class InsertObservers(Pass):
         counter = 0
 
         def observer_for(value: fx.Node, spec: QuantSpec, layer_name: str, role: str) -> fx.Node:
-            nonlocal counter
             existing = observer_of(gm, value)
             if existing is not None and existing.spec == spec:
                 # already quantized this way (the producer's output quantizer): share it, not Q/DQ it twice
@@ -50,6 +54,11 @@ class InsertObservers(Pass):
                 return made[key]
             cfg = config.for_layer(layer_name)
             obs = make_observer(spec, cfg.calibration, percentile=cfg.percentile, bins=cfg.histogram_bins)
+            made[key] = attach(value, obs, layer_name, role)
+            return made[key]
+
+        def attach(value: fx.Node, obs: Observer, layer_name: str, role: str) -> fx.Node:
+            nonlocal counter
             name = f"lowbit_observer_{counter}"
             counter += 1
             gm.add_submodule(name, obs)
@@ -57,7 +66,6 @@ class InsertObservers(Pass):
                 node = gm.graph.call_module(name, (value,))
             node.meta["val"] = value.meta.get("val")
             node.meta[meta.OBSERVES] = [f"{layer_name}:{role}"]
-            made[key] = node
             return node
 
         inputs = outputs = 0
@@ -81,11 +89,12 @@ class InsertObservers(Pass):
         if ctx.notes.get("quantize_gating"):
             gates = self._quantize_gating_muls(gm, observer_for)
             pools = self._pool_int8_inputs(gm)
+        hardswish = self._quantize_hardswish_gates(gm, attach) if ctx.notes.get("quantize_hardswish_gate") else 0
         gm.recompile()
         return PassResult(gm, {k: v for k, v in
                                {"observers": len(made), "inputs_observed": inputs, "outputs_observed": outputs,
                                 "residual_adds_quantized": residual, "gating_muls_quantized": gates,
-                                "pools_read_int8": pools}.items() if v})
+                                "pools_read_int8": pools, "hardswish_gates_quantized": hardswish}.items() if v})
 
     @staticmethod
     def _quantize_residual_adds(gm: fx.GraphModule, observer_for: Any) -> int:
@@ -143,6 +152,34 @@ class InsertObservers(Pass):
                 if observer_of(gm, x) is not None:
                     continue
                 mul.replace_input_with(x, _observer_user(gm, x) or observer_for(x, spec, layer, role))
+            done += 1
+        return done
+
+    @staticmethod
+    def _quantize_hardswish_gates(gm: fx.GraphModule, attach: Any) -> int:
+        """``hardswish(x) = x * hardsigmoid(x)`` with the gate quantized on the fixed grid [0, 1] / 255 (uint8, zero
+        point 0), where the hardswish reads a uint8 quantized input and its output is quantized: the engine then
+        multiplies two uint8 tensors (QLinearMul), and the gate itself is an integer add
+        (``ort_rules.hardsigmoid_as_qlinear_add``) instead of four float passes over the feature map. The gate's
+        rounding moves an output by at most ``|x| / 510``, at most one output code; the reference computes the
+        same rounding, so engine and reference agree. The role is ``<layer of x>:hardswish_gate``."""
+        done = 0
+        for hs in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in HARDSWISH]:
+            x = hs.args[0]
+            x_obs = observer_of(gm, x) if isinstance(x, fx.Node) else None
+            if x_obs is None or (x_obs.spec.dtype, x_obs.spec.granularity) != ("uint8", "per_tensor") or len(hs.users) != 1 or \
+                    observer_of(gm, next(iter(hs.users))) is None:
+                continue
+            layer = x.meta[meta.OBSERVES][0].rsplit(":", 1)[0]
+            with gm.graph.inserting_after(hs):
+                gate = gm.graph.call_function(aten.hardsigmoid.default, (x,))
+            gate.meta["val"] = hs.meta.get("val")
+            gate_q = attach(gate, FixedQParamsObserver(GATE_SPEC, *HARDSIGMOID_QPARAMS), layer, "hardswish_gate")
+            with gm.graph.inserting_after(gate_q):
+                mul = gm.graph.call_function(aten.mul.Tensor, (x, gate_q))
+            mul.meta["val"] = hs.meta.get("val")
+            hs.replace_all_uses_with(mul)
+            gm.graph.erase_node(hs)
             done += 1
         return done
 

@@ -121,6 +121,9 @@ class OnnxRuntimeBackend(OnnxBackend):
     quantize_gating = True
     #: residual adds of int8 feature maps, in and out: ORT's QDQ rule "2DQ" runs them as QLinearAdd
     quantize_residual_adds = True
+    #: hardswish as x * Q(hardsigmoid(x)) on a fixed [0, 1] grid (ORT has no integer hardswish; the product runs
+    #: as QLinearMul, the gate as QLinearAdd after ort_rules.hardsigmoid_as_qlinear_add)
+    quantize_hardswish_gate = True
 
     def engine_rules(self, model: onnx.ModelProto, options: dict[str, Any] | None = None) -> dict[str, int]:
         """Integer MatMuls with the bias inside; weight-only linears as MatMulNBits. A causal LM's step graph
@@ -130,17 +133,14 @@ class OnnxRuntimeBackend(OnnxBackend):
         layer the planner promoted because its activations do not survive int8)."""
         from lowbit.backends.onnx.ort_rules import (
             fuse_matmul_integer_to_float,
-            hardswish_as_qlinear_mul,
+            hardsigmoid_as_qlinear_add,
             reduce_mean_to_global_pool,
         )
         from lowbit.backends.onnx.weight_only import to_matmul_nbits
 
         eight_bit = bool((options or {}).get("decode_graph", False))
-        # int8_hardswish=True: hardswish as a QLinearMul with a quantized gate (faster; the gate's rounding
-        # moves an output code by at most one step, which cost 2 of 384 digits in the MobileNet benchmark)
-        int8_hardswish = hardswish_as_qlinear_mul(model) if (options or {}).get("int8_hardswish", False) else {}
         return {**to_matmul_nbits(model, eight_bit=eight_bit), **fuse_matmul_integer_to_float(model),
-                **reduce_mean_to_global_pool(model), **int8_hardswish}
+                **reduce_mean_to_global_pool(model), **hardsigmoid_as_qlinear_add(model)}
 
 
 class OpenVinoBackend(OnnxBackend):
