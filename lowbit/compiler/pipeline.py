@@ -139,9 +139,6 @@ def compile_model(
         compiled._tokenizer = tokenizer
     report = compiled.report
     report.sections["model"] = model_facts(model)
-    if not options.get("decode_graph"):  # a causal LM's step graph: its model measures the whole
-        report.sections["fidelity"] = (measure_fidelity(compiled, captured, example_out, causal_lm and decode)
-                                       if check_engine else {"note": "not measured on the engine (engine_fidelity=False)"})
     fid = ctx.notes.get("fidelity_measure")
     if fid is not None and check_engine and not causal_lm:
         # the plan's target must hold on the engine, not only on the reference (engine_fidelity.py)
@@ -157,6 +154,9 @@ def compile_model(
             if dump:
                 write_report_page(best.report, dump)
             return best
+    if not options.get("decode_graph"):  # a causal LM's step graph: its model measures the whole
+        report.sections["fidelity"] = (measure_fidelity(compiled, captured, example_out, causal_lm and decode)
+                                       if check_engine else {"note": "not measured on the engine (engine_fidelity=False)"})
     if dump:
         report.sections["dump"] = {"dir": os.path.abspath(dump),
                                    "passes": {r.name: f"{r.index:03d}_{r.name}" for r in manager.records}}

@@ -76,25 +76,11 @@ HARDSIGMOID_QPARAMS = (1.0 / 255.0, 0)
 class FixedQParamsObserver(Observer):
     """An output whose range the op itself fixes (hardsigmoid's [0, 1]): its qparams are given, never
     calibrated -- PyTorch's ``FixedQParamsObserver`` for hardsigmoid and sigmoid (there 1/256 on quint8; here
-    1/255, so 1.0 is a code). The range seen is still recorded, for reports."""
+    1/255, so 1.0 is a code). They sit where an artifact's loaded qparams do (``fixed``)."""
 
     def __init__(self, spec: QuantSpec, scale: float, zero_point: int) -> None:
         super().__init__(spec)
-        self.qparams = (float(scale), int(zero_point))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() and x.is_floating_point():
-            self.min_val = min(self.min_val, float(x.detach().min()))
-            self.max_val = max(self.max_val, float(x.detach().max()))
-            self.num_batches += 1
-        return x
-
-    @property
-    def observed(self) -> bool:
-        return True
-
-    def calculate_qparams(self) -> tuple[float, int]:
-        return self.qparams
+        self.fixed = (float(scale), int(zero_point))
 
 
 class HistogramObserver(Observer):

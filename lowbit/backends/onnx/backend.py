@@ -130,7 +130,8 @@ class OnnxRuntimeBackend(OnnxBackend):
         (``decode_graph``) runs its 8-bit weight-only linears as MatMulNBits with int8 activations too: at
         M = 1 a linear reads its weights once, and the float path re-reads them dequantized (3.5x slower
         on SmolLM2's decode step); elsewhere an 8-bit weight-only layer keeps float activations (often a
-        layer the planner promoted because its activations do not survive int8)."""
+        layer the planner promoted because its activations do not survive int8). Spatial means as
+        GlobalAveragePool and hardswish's quantized gate as an integer add (ort_rules), so both run int8."""
         from lowbit.backends.onnx.ort_rules import (
             fuse_matmul_integer_to_float,
             hardsigmoid_as_qlinear_add,

@@ -156,10 +156,6 @@ def reduce_mean_to_global_pool(model: onnx.ModelProto) -> dict[str, int]:
 GATE_SCALE = HARDSIGMOID_QPARAMS[0]  # the grid insert_observers quantizes hardswish's gate on
 
 
-def _scalar(g: Graph, name: str) -> np.ndarray | None:
-    return g.array(name) if name and name in g.init else None
-
-
 def _hardsigmoid_match(g: Graph, hs: onnx.NodeProto, prod: dict[str, onnx.NodeProto],
                        cons: dict[str, list[onnx.NodeProto]]) -> tuple[onnx.NodeProto, onnx.NodeProto] | str:
     """(input DQ, output Q) of a rewritable ``DQ -> HardSigmoid(1/6, 1/2) -> Q(1/255, 0)``, else why not."""
@@ -169,14 +165,14 @@ def _hardsigmoid_match(g: Graph, hs: onnx.NodeProto, prod: dict[str, onnx.NodePr
     dq = prod.get(hs.input[0])
     if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] in g.init:
         return "the input is not a dequantized activation"
-    zp = _scalar(g, dq.input[2] if len(dq.input) > 2 else "")
+    zp = g.array(dq.input[2] if len(dq.input) > 2 else "")
     if zp is None or zp.dtype != np.uint8 or zp.size != 1:
         return "the input is not uint8 per tensor (QLinearAdd wants the gate's type on both sides)"
     users = cons.get(hs.output[0], [])
     if len(users) != 1 or users[0] is None or users[0].op_type != "QuantizeLinear":
         return "the output is not read by exactly one QuantizeLinear"
     q = users[0]
-    scale, qzp = _scalar(g, q.input[1]), _scalar(g, q.input[2] if len(q.input) > 2 else "")
+    scale, qzp = g.array(q.input[1]), g.array(q.input[2] if len(q.input) > 2 else "")
     if scale is None or qzp is None or qzp.dtype != np.uint8 or scale.size != 1 or qzp.size != 1 \
             or int(qzp) != 0 or abs(float(scale) - GATE_SCALE) > 1e-9:
         return "the output is not quantized on the gate's grid [0, 1] / 255"
