@@ -292,3 +292,32 @@ def test_openvino_runs_attention_scores_in_int8(bert, compiled):
     b = bert_batch(2, 16, 7)
     ref = bert(**b).last_hidden_state
     assert sqnr(ref, qb(**b)[0]) >= sqnr(ref, off(**b)[0]) - 1.0  # int8 scores cost < 1 dB here
+
+
+def test_exporter_registry_is_built_once_and_exports_the_same_model(cnn):
+    """export.py builds torch.onnx's torchlib registry once per opset (~1 s per export otherwise): the ONNX is
+    byte-identical to the exporter's own, a custom translation stays in its export's copy, and the class is
+    restored after."""
+    from torch.onnx._internal.exporter import _registration
+
+    from lowbit.backends.onnx import export as ex
+    from lowbit.backends.onnx.weight_only import TRANSLATIONS
+
+    x = cnn_cal(1)[0][0]
+
+    def export() -> bytes:
+        return torch.onnx.export(cnn, (x,), dynamo=True, optimize=False, verbose=False, report=False,
+                                 opset_version=ex.OPSET,
+                                 custom_translation_table=TRANSLATIONS).model_proto.SerializeToString()
+
+    original = _registration.ONNXRegistry.__dict__["from_torchlib"]
+    plain = export()
+    with ex._torchlib_registry_built_once():
+        first = export()
+        built = dict(ex._REGISTRIES)
+        second = export()
+    assert first == plain and second == plain
+    assert built and all(ex._REGISTRIES[k] is v for k, v in built.items())  # not rebuilt by the second export
+    custom = {op.name() for op in TRANSLATIONS}
+    assert not custom & {k for r in built.values() for k in r.functions if isinstance(k, str)}
+    assert _registration.ONNXRegistry.__dict__["from_torchlib"] is original

@@ -8,10 +8,12 @@ fusions. Dynamic dims keep the Signature's symbol names. Every emitted model pas
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import onnx
@@ -68,7 +70,7 @@ def export_onnx(gm: fx.GraphModule, signature: Signature, weight_layers: dict[st
 
     custom_translations = {**TRANSLATIONS, **(custom_translations or {})}
     try:
-        with warnings.catch_warnings(), _quiet():
+        with warnings.catch_warnings(), _quiet(), _torchlib_registry_built_once():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 gm, _example(signature), dynamo=True, opset_version=opset, input_names=names,
@@ -110,6 +112,44 @@ def _optimize(model: Any) -> None:
         optimize_ir(model)
     finally:
         rewriter._DEFAULT_REWRITE_RULES = rules
+
+
+_REGISTRY_LOCK = threading.Lock()
+_REGISTRIES: dict[int | None, Any] = {}  # opset -> the exporter's registry of torchlib functions, built once
+
+
+@contextlib.contextmanager
+def _torchlib_registry_built_once() -> Iterator[None]:
+    """``torch.onnx.export`` builds its registry of torchlib functions afresh on every call: ~1 s of Python
+    (12,000 function signatures parsed from source), most of a small model's export (75% of the random-graph
+    test's ONNX export time). Within this block the registry is built once per opset and each export gets a
+    copy (the exporter adds the custom translations to its copy). Exports hold a lock while the class attribute
+    is swapped; where torch's private class is not found, the exporter runs as it is."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+
+        cls = _registration.ONNXRegistry
+        build = cls.__dict__["from_torchlib"].__func__
+    except (ImportError, AttributeError, KeyError):
+        yield
+        return
+
+    def from_torchlib(klass: type, opset_version: int | None = None) -> Any:
+        if opset_version not in _REGISTRIES:
+            _REGISTRIES[opset_version] = build(klass) if opset_version is None else build(klass, opset_version)
+        built = _REGISTRIES[opset_version]
+        copy = klass()
+        copy._opset_version = built._opset_version
+        copy.functions = {k: list(v) for k, v in built.functions.items()}
+        return copy
+
+    with _REGISTRY_LOCK:
+        saved = cls.__dict__["from_torchlib"]
+        cls.from_torchlib = classmethod(from_torchlib)
+        try:
+            yield
+        finally:
+            cls.from_torchlib = saved
 
 
 def name_layer_nodes(model: onnx.ModelProto, weight_layers: dict[str, str]) -> dict[str, str]:
