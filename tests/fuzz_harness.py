@@ -131,18 +131,6 @@ def ov_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def ov_known_defect(spec: dict[str, Any]) -> str | None:
-    """Why the OpenVINO leg skips this graph: an OpenVINO defect outside lowbit, reproduced without it. Each
-    entry names its minimal reproducer; remove it when the installed OpenVINO runs the reproducer right."""
-    for op in spec["ops"]:
-        if op["op"] == "conv2d" and op["kernel"] == 1 and op["stride"] > 1 and op["padding"] > 0:
-            # OpenVINO 2026.4 CPU: Q/DQ -> Conv(1x1, stride 2, pads 1) -> Q/DQ -> Conv(1x1, pads 1) on [3, 8, 12, 15]
-            # returns [3, 16, 10, 12] (ONNX Runtime and the float graph on OpenVINO: [3, 16, 9, 11]); the
-            # int8 path only (tests/fuzz_regressions/conv_bias_off_the_int32_grid_flips_integer_conv_codes.json)
-            return "OpenVINO int8: a strided 1x1 conv with padding gets a wrong output shape"
-    return None
-
-
 # --------------------------------------------------------------------------------------------------
 # Screening FP32
 # --------------------------------------------------------------------------------------------------
@@ -303,7 +291,7 @@ def _run(spec: dict[str, Any], trt: bool) -> Outcome:
         if why is not None:
             return Outcome("fidelity", leg, why, outcome.sqnr_db, outcome.within_step)
 
-        if ov_available() and ov_known_defect(spec) is None:
+        if ov_available():
             leg = OV_TARGET
             why = _ov_leg(compile_on, model, held_in, tests, calibration + tests, outcome)
             if why is not None:

@@ -37,7 +37,6 @@ from fuzz_harness import (
     Outcome,
     fmt_db,
     ov_available,
-    ov_known_defect,
     percent,
     run_case,
     same_failure,
@@ -105,10 +104,6 @@ def test_random_graphs_compile_faithfully(tmp_path_factory):
     for _, o in results:
         if o.status == "rejected":
             print(f"  rejected: {o.detail}")
-    if ov_available():
-        for spec, _ in results:
-            if ov_known_defect(spec):
-                print(f"  {OV_TARGET} leg skipped ({ov_known_defect(spec)}): {describe(spec)}")
 
     failures = [(spec, o) for spec, o in results if o.status in ("fidelity", "crash")]
     out_dir = Path(os.environ.get("LOWBIT_FUZZ_ARTIFACTS") or tmp_path_factory.mktemp("fuzz_failures"))

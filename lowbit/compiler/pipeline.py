@@ -18,6 +18,7 @@ from lowbit.compiler.capture import capture, index_ranges, sequence_dynamic_shap
 from lowbit.compiler.instruments import DumpInstrument, TimingInstrument, VerifyInstrument
 from lowbit.compiler.pass_manager import Pass, PassContext, PassManager, PassRecord
 from lowbit.compiler.planner import CPU_SCHEME_COSTS, PlanPrecision
+from lowbit.compiler.sensitivity import check_output_shapes
 from lowbit.config import QuantConfig
 from lowbit.passes import (
     Annotate,
@@ -196,14 +197,15 @@ def measure_fidelity(compiled: CompiledModel, captured: Any, example_out: Any, c
     with torch.no_grad():
         out = compiled(*captured.args, **captured.kwargs)
 
-    def floats(o: Any) -> torch.Tensor:
-        leaves = [t.detach().double().flatten() for t in pytree.tree_leaves(logits_or(o))
-                  if isinstance(t, torch.Tensor) and t.is_floating_point()]
-        return torch.cat(leaves) if leaves else torch.zeros(0, dtype=torch.float64)
+    def leaves(o: Any) -> list[torch.Tensor]:
+        return [t.detach().double() for t in pytree.tree_leaves(logits_or(o))
+                if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
-    ref, test = floats(example_out), floats(out)
-    if ref.numel() == 0 or ref.shape != test.shape:
+    ref_leaves, test_leaves = leaves(example_out), leaves(out)
+    check_output_shapes(ref_leaves, test_leaves)
+    if not ref_leaves:
         return {"metric": "sqnr_db", "on": where, "note": "no floating-point outputs to compare"}
+    ref, test = (torch.cat([t.flatten() for t in ts]) for ts in (ref_leaves, test_leaves))
     return {"metric": "sqnr_db", "sqnr_db": sqnr(ref, test), "cosine": cosine(ref, test), "on": where}
 
 

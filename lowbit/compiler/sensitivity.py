@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from lowbit.compiler import meta
 from lowbit.compiler.graph import QUANTIZABLE, attr_tensor, observer_of
 from lowbit.config import QuantConfig
-from lowbit.errors import PlanError
+from lowbit.errors import EngineError, PlanError
 from lowbit.evaluate import token_nll
 from lowbit.runtime.progress import bar_disabled
 from lowbit.runtime.qparams import (
@@ -358,6 +358,18 @@ def outputs_sqnr_db(reference: Sequence[Sequence[torch.Tensor]], outputs: Sequen
     return sqnr_db(signal, noise)
 
 
+def check_output_shapes(reference: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
+    """An engine that returns another number of outputs or another shape than the float model is broken, not
+    imprecise: EngineError naming the output, before any figure is computed from it."""
+    if len(outputs) != len(reference):
+        raise EngineError(f"the engine returned {len(outputs)} floating-point outputs where the float model "
+                          f"gives {len(reference)}")
+    for i, (r, t) in enumerate(zip(reference, outputs, strict=True)):
+        if tuple(r.shape) != tuple(t.shape):
+            raise EngineError(f"output {i}: the engine returned shape {tuple(t.shape)} where the float model "
+                              f"gives {tuple(r.shape)} (an engine defect: save the model and report it)")
+
+
 def _float_outputs(outs: Sequence[Any]) -> list[torch.Tensor]:
     return [o for o in outs if isinstance(o, torch.Tensor) and o.is_floating_point()]
 
@@ -404,7 +416,9 @@ class SqnrFidelity:
 
     @staticmethod
     def _noise(ref: Sequence[torch.Tensor], outs: Sequence[Any]) -> float:
-        return sum(float((r - t.double()).pow(2).sum()) for r, t in zip(ref, _float_outputs(outs), strict=True))
+        outs = _float_outputs(outs)
+        check_output_shapes(ref, outs)
+        return sum(float((r - t.double()).pow(2).sum()) for r, t in zip(ref, outs, strict=True))
 
 
 class FunctionFidelity:

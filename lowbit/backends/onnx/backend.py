@@ -163,3 +163,10 @@ class OpenVinoBackend(OnnxBackend):
     post_op_activations = ("hardswish", "hardsigmoid", "sigmoid", "silu")
     # squeeze-excite x * gate between quantizers (an int8 eltwise subgraph) and ReduceMean on int8 input
     quantize_gating = True
+
+    def engine_rules(self, model: onnx.ModelProto, options: dict[str, Any] | None = None) -> dict[str, int]:
+        """A strided 1x1 conv's padding as a Pad of its quantized input (ov_rules: OpenVINO 2026.4 gets that
+        conv's output shape wrong with the padding inside)."""
+        from lowbit.backends.onnx.ov_rules import pad_strided_pointwise_convs
+
+        return pad_strided_pointwise_convs(model)
