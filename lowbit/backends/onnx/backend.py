@@ -165,8 +165,9 @@ class OpenVinoBackend(OnnxBackend):
     quantize_gating = True
 
     def engine_rules(self, model: onnx.ModelProto, options: dict[str, Any] | None = None) -> dict[str, int]:
-        """A strided 1x1 conv's padding as a Pad of its quantized input (ov_rules: OpenVINO 2026.4 gets that
-        conv's output shape wrong with the padding inside)."""
-        from lowbit.backends.onnx.ov_rules import pad_strided_pointwise_convs
+        """Around two OpenVINO 2026.4 defects (ov_rules): a strided 1x1 conv's padding as a Pad of its quantized
+        input (the conv's output shape is wrong with the padding inside); a ReduceMean without keepdims as one
+        with them and a Squeeze (its mean into a quantized MatMul runs at ~15 dB)."""
+        from lowbit.backends.onnx.ov_rules import keep_reduced_dims, pad_strided_pointwise_convs
 
-        return pad_strided_pointwise_convs(model)
+        return {**pad_strided_pointwise_convs(model), **keep_reduced_dims(model)}

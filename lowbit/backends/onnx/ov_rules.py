@@ -1,6 +1,7 @@
-"""OpenVINO-only rewrite: a strided 1x1 conv's zero padding moves onto its quantized input.
+"""OpenVINO-only rewrites around two defects of its CPU plugin (2026.4), each the same numbers in another form.
+``tests/test_backend_onnx.py`` holds both reproducers: when the engine gets one right without its rule, remove it.
 
-OpenVINO 2026.4's CPU plugin gets the output shape of a quantized ``Conv(kernel 1x1, stride > 1, pads > 0)``
+``pad_strided_pointwise_convs``: a strided 1x1 conv's zero padding moves onto its quantized input. OpenVINO 2026.4's CPU plugin gets the output shape of a quantized ``Conv(kernel 1x1, stride > 1, pads > 0)``
 wrong (``DQ -> Conv(1x1, strides 2, pads 1)`` on [3, 8, 12, 15] returns [3, 16, 10, 12], not [3, 16, 9, 11];
 the float graph on the same engine and ONNX Runtime are right). The same conv without pads is right, so the
 padding becomes an explicit ``Pad`` of the quantized tensor with its zero point, the value that dequantizes to
@@ -10,7 +11,13 @@ exactly 0.0:
       ==>  Q(x) -> Pad(p, value zp) -> DQ(s, zp) -> Conv(1x1, strides, pads 0)
 
 The same numbers (DQ(pad(q, zp)) = pad(DQ(q), 0)); OpenVINO runs the Pad on u8 and the conv as before.
-``tests/test_backend_onnx.py`` holds the reproducer: when the engine gets it right without this rule, remove it.
+
+``keep_reduced_dims``: ``ReduceMean(keepdims=0)`` whose output reaches a quantized MatMul (a transformer's mean
+over tokens into its head: ``LN -> ReduceMean -> Q/DQ -> MatMul``) runs at ~15 dB against float on OpenVINO
+(~40 dB on ONNX Runtime and the torch reference), in f32 as in bf16. With the reduced dims kept and squeezed
+after, it runs right:
+
+    ReduceMean(x, axes, keepdims=0)  ==>  Squeeze(ReduceMean(x, axes, keepdims=1), axes)
 """
 
 from __future__ import annotations
@@ -79,3 +86,23 @@ def pad_strided_pointwise_convs(model: onnx.ModelProto) -> dict[str, int]:
     if fired:
         toposort(g)
     return {"pad_strided_pointwise_convs": fired} if fired else {}
+
+
+def keep_reduced_dims(model: onnx.ModelProto) -> dict[str, int]:
+    """Rewrite every ``ReduceMean(keepdims=0)`` with constant axes as ``keepdims=1`` and a Squeeze of those axes."""
+    g = Graph(model)
+    fired = 0
+    for rm in list(g.g.node):
+        if rm.op_type != "ReduceMean" or int(node_attr(rm, "keepdims", 1)) or len(rm.input) < 2 or not rm.input[1]:
+            continue
+        axes = g.array(rm.input[1])
+        if axes is None or axes.size == 0:
+            continue
+        set_node_attr(rm, "keepdims", 1)
+        out = rm.output[0]
+        rm.output[0] = g.unique(f"{out}_kept")
+        idx = list(g.g.node).index(rm)
+        g.g.node.insert(idx + 1, helper.make_node("Squeeze", [rm.output[0], rm.input[1]], [out],
+                                                  name=f"{rm.name or out}/Squeeze"))
+        fired += 1
+    return {"keep_reduced_dims": fired} if fired else {}
