@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
+import os
 import re
 import traceback
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +22,7 @@ from typing import Any
 import torch
 from torch import fx
 from torch.export import Dim
+from torch.utils import _pytree as pytree
 
 from lowbit.compiler import meta
 from lowbit.errors import CaptureError
@@ -216,7 +221,77 @@ def capture(
     shapes, named = build_dynamic_shapes(model, args, kwargs, dynamic_shapes, dim_bounds)
     args, kwargs = _widen_unit_dims(model, args, kwargs, named)
     with without_kv_cache(model):
-        return _export(model, args, kwargs, shapes, named, dynamic_shapes, dim_bounds)
+        key = _cache_key(model, args, kwargs, dynamic_shapes, dim_bounds)
+        hit = _CACHE.get(key) if key is not None else None
+        if hit is not None:
+            _CACHE.move_to_end(key)
+            ep, shapes, named = hit
+        else:
+            ep, shapes, named = _export(model, args, kwargs, shapes, named, dynamic_shapes, dim_bounds)
+            if key is not None:
+                _remember(model, key, (ep, shapes, named))
+    return _captured(ep, args, kwargs, shapes, named)
+
+
+# -- the capture cache -------------------------------------------------------------------------------------------
+# Compiling one model for several targets (or re-planning after the engine check) captures the same program each
+# time: ~15 s of torch.export for SmolLM2-135M. The ExportedProgram of a capture is kept while its model lives
+# (at most CACHE_SIZE of them) and reused when the same model object, in the same state, is captured with inputs
+# of the same structure, shapes and dtypes and the same dynamic shapes. "The same state": every parameter and
+# buffer the same tensor object at the same version (an in-place update bumps it), every submodule of the same
+# class and forward with the same plain attributes, hooks and config. Each call gets its own GraphModule
+# (``ep.module()``: a fresh graph; the weights are the model's, as on a first capture). LOWBIT_CAPTURE_CACHE=0
+# turns it off.
+CACHE_SIZE = 4
+_CACHE: OrderedDict[tuple[Any, ...], tuple[Any, dict[str, Any], dict[str, dict[int, str]]]] = OrderedDict()
+
+
+def _remember(model: torch.nn.Module, key: tuple[Any, ...], value: tuple[Any, ...]) -> None:
+    try:  # dropped with its model: the cache never keeps a model's weights alive on its own
+        weakref.finalize(model, _CACHE.pop, key, None)
+    except TypeError:
+        return
+    _CACHE[key] = value
+    while len(_CACHE) > CACHE_SIZE:
+        _CACHE.popitem(last=False)
+
+
+def _plain(value: Any) -> Any:
+    """A comparable stand-in for a module attribute: the value itself when it is plain data, else its identity
+    (a hook dict by its hooks, an object with ``to_dict`` such as a Hugging Face config by its contents)."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+        return value
+    if isinstance(value, (tuple, list)) and len(value) <= 16:
+        return (type(value).__name__, tuple(_plain(v) for v in value))
+    if isinstance(value, dict) and all(callable(v) for v in value.values()):  # hooks
+        return ("hooks", tuple(id(v) for v in value.values()))
+    to_dict = getattr(value, "to_dict", None)
+    if callable(to_dict) and not isinstance(value, torch.nn.Module):
+        try:
+            return ("config", json.dumps(to_dict(), sort_keys=True, default=str))
+        except (TypeError, ValueError):
+            pass
+    return (type(value).__qualname__, id(value))
+
+
+def _cache_key(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic_shapes: Any,
+               dim_bounds: Any) -> tuple[Any, ...] | None:
+    if os.environ.get("LOWBIT_CAPTURE_CACHE", "1") == "0":
+        return None
+    try:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        inputs = tuple((tuple(t.shape), t.dtype, t.device.type) if isinstance(t, torch.Tensor) else ("value", repr(t))
+                       for t in leaves)
+        modules = tuple((name, type(m), id(type(m).forward), m.training,
+                         tuple((k, _plain(v)) for k, v in vars(m).items()
+                               if k not in ("_parameters", "_buffers", "_modules", "training")))
+                        for name, m in model.named_modules())
+        tensors = tuple((name, id(t), t._version, tuple(t.shape), t.dtype)
+                        for name, t in (*model.named_parameters(), *model.named_buffers()))
+        return (id(model), torch.get_default_dtype(), str(spec), inputs, repr(dynamic_shapes), repr(dim_bounds),
+                modules, tensors)
+    except Exception:  # something in the model that cannot be fingerprinted: no caching
+        return None
 
 
 def _widen_unit_dims(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -243,7 +318,7 @@ def _widen_unit_dims(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict
 
 def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], shapes: dict[str, Any],
             named: dict[str, dict[int, str]], dynamic_shapes: Mapping[str, Any] | None,
-            dim_bounds: Mapping[str, tuple[int, int | None]] | None) -> Captured:
+            dim_bounds: Mapping[str, tuple[int, int | None]] | None) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     bounds = dict(dim_bounds or {})
     ep = None
     for attempt in range(2):
@@ -259,6 +334,11 @@ def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
             bounds.update(fixes)
             shapes, named = build_dynamic_shapes(model, args, kwargs, dynamic_shapes, bounds)
     assert ep is not None
+    return ep, shapes, named
+
+
+def _captured(ep: Any, args: tuple[Any, ...], kwargs: dict[str, Any], shapes: dict[str, Any],
+              named: dict[str, dict[int, str]]) -> Captured:
     gm = ep.module()
     # flat tensors in, flat tensors out: lowbit's Signature does the (un)flattening and the input checks
     gm.graph._codegen = fx.graph.CodeGen()
