@@ -65,6 +65,10 @@ class QuantConfig:
     (``target_ppl_increase=0.01``, unless ``target_sqnr_db`` is set to something other than its default),
     and the default plan starts from ``w8a8_dynamic`` where the target runs it (``scheme`` left at w8a8).
     ``llm_int8_threshold`` is the outlier threshold of the ``w8a8_llm_int8`` scheme (LLM.int8()).
+
+    ``bias_correction`` (``lowbit/passes/bias_correction.py``) adds the mean output shift that rounding an int8
+    weight causes back into the layer's bias, from the calibration inputs' per-channel means (W8A8 layers
+    with a bias: convs after BN folding, encoder linears).
     """
 
     scheme: str = "w8a8"
@@ -94,6 +98,7 @@ class QuantConfig:
     output_layer_scheme: str | None = "w8a16"
     target_ppl_increase: float | str | None = "auto"
     llm_int8_threshold: float = 6.0
+    bias_correction: bool = True
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:

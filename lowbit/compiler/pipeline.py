@@ -22,6 +22,7 @@ from lowbit.compiler.sensitivity import check_output_shapes
 from lowbit.config import QuantConfig
 from lowbit.passes import (
     Annotate,
+    BiasCorrection,
     Calibrate,
     Canonicalize,
     FoldConvBatchNorm,
@@ -58,6 +59,7 @@ def default_passes() -> list[Pass]:
         Calibrate(),  # stream calibration batches through the graph (or load stored qparams)
         PlanPrecision(),  # with a fidelity target: promote the layers quantization hurts most, cheapest first
         GPTQ(),  # weight-only layers asking for it: round with error feedback, layer by layer (true-sequential)
+        BiasCorrection(),  # W8A8 layers: the mean output shift of the weights' rounding goes back into the bias
         LowerQDQ(),  # observers and weight specs -> quantize/dequantize ops and int8 weights
     ]
 
@@ -281,7 +283,7 @@ def build_report(target: str, ctx: PassContext, records: list[PassRecord]) -> Re
         report.sections["smooth_quant"] = smooth
     if "embeddings" in ctx.notes:
         report.sections["embeddings"] = ctx.notes["embeddings"]
-    for section in ("awq", "gptq"):  # per layer: search results, dampening, tokens
+    for section in ("awq", "gptq", "bias_correction"):  # per layer: search results, dampening, tokens, shifts
         if ctx.notes.get(section):
             report.sections[section] = ctx.notes[section]
     if "plan_search" in ctx.notes:

@@ -2,6 +2,7 @@
 
 from lowbit.passes.annotate import Annotate
 from lowbit.passes.awq import AWQ
+from lowbit.passes.bias_correction import BiasCorrection
 from lowbit.passes.calibrate import Calibrate
 from lowbit.passes.canonicalize import Canonicalize
 from lowbit.passes.fold_conv_bn import FoldConvBatchNorm
@@ -14,6 +15,6 @@ from lowbit.passes.quantize_embeddings import QuantizeEmbeddings
 from lowbit.passes.smooth_quant import SmoothQuant
 
 __all__ = [
-    "Annotate", "AWQ", "Calibrate", "Canonicalize", "FoldConvBatchNorm", "FuseActivation", "FuseLinearBias", "GPTQ",
+    "Annotate", "AWQ", "BiasCorrection", "Calibrate", "Canonicalize", "FoldConvBatchNorm", "FuseActivation", "FuseLinearBias", "GPTQ",
     "InsertObservers", "LowerQDQ", "QuantizeEmbeddings", "SmoothQuant",
 ]
