@@ -218,11 +218,12 @@ def workload(model: nn.Module, name: str = "cnn") -> Workload:
     )
 
 
-def setup(*, quick: bool, n_cal: int, epochs: int | None = None, arch: str = "resnet", log=print) -> dict[str, Any]:
-    """Data, trained model, calibration/test batches and the scoring function (top-1; with ``sqnr=True``, also
-    the SQNR of the row's logits against FP32 eager's)."""
-    data = load_data()
-    model, acc = train(data, epochs=epochs or 5, arch=arch, log=log)
+def setup(*, quick: bool, n_cal: int, epochs: int | None = None, arch: str = "resnet", seed: int = 0,
+          log=print) -> dict[str, Any]:
+    """Data, trained model, calibration/test batches and the scoring function (top-1 and the SQNR of the row's
+    logits against FP32 eager's). ``seed`` draws the train/test split and the training run (0: the main table)."""
+    data = load_data(seed=seed)
+    model, acc = train(data, epochs=epochs or 5, arch=arch, seed=seed, log=log)
     log(f"{arch} FP32 test top-1: {100 * acc:.2f} % on {len(data.y_test)} test images")
     if acc < MIN_ACCURACY and not quick:
         raise RuntimeError(f"CNN FP32 accuracy {acc:.4f} < {MIN_ACCURACY}: the training recipe regressed")

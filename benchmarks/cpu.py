@@ -244,12 +244,67 @@ def run_mobilenet(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     big = harness.run_benchmark(specs, ctx, score=score, timing_batches=timing, rounds=args.cnn_rounds,
                                 iters=max(2, args.cnn_iters // 4), warmup=args.warmup, log=log)
     big.update({"batch": list(shape), "calibration_batches": len(cal), "calibration": "N(0, 1) images"})
+    seeds = mobilenet_top1_seeds(args, workdir, log) if args.top1_seeds else {}
     log("  per-op profiles ...")
     profiles = mobilenet_profiles(workdir / "r224", "mobilenet224", {"x": timing[0]["x"].numpy()}, args.threads,
                                   calls=3 if args.quick else 20)
     return {"workload": "MobileNet (benchmarks/cnn.py: inverted residuals with ReLU6, depthwise conv + hardswish, "
                         "squeeze-excite with hardsigmoid gating, residual adds, global average pool)",
-            "digits32": digits, "random224": big, "profiles": profiles, "rows": []}
+            "digits32": digits, "random224": big, "profiles": profiles, "top1_seeds": seeds, "rows": []}
+
+
+#: the rows whose top-1 the seed sweep measures (no timing)
+TOP1_SEED_ROWS = ("OpenVINO + NNCF", "lowbit openvino-int8", "lowbit onnxruntime-int8", FLOAT_HARDSWISH)
+
+
+def mobilenet_top1_seeds(args: argparse.Namespace, workdir: Path, log: Any) -> dict[str, Any]:
+    """Top-1 is 384 test images: one image is 0.26 points, and a near-tie of the FP32 logits flips on any
+    perturbation. The same protocol on ``--top1-seeds`` more splits and training runs (seeds 1..N; each a new
+    stratified split and a new model) gives the drop's spread: per seed, FP32 and each row's top-1."""
+    import cnn
+
+    per_seed = []
+    for seed in range(1, args.top1_seeds + 1):
+        s = cnn.setup(quick=args.quick, n_cal=args.cal_batches, epochs=args.epochs, arch="mobilenet", seed=seed,
+                      log=lambda m: None)
+        specs = [r for r in cnn.specs(s["model"], threads=args.threads, n_cal=len(s["cal"]), name=f"mobilenet32_s{seed}",
+                                      lowbit_rows=MOBILENET_ROWS) if r.name in TOP1_SEED_ROWS]
+        work = workdir / f"top1_seed{seed}"
+        work.mkdir()
+        ctx = harness.BuildContext(calibration=s["cal"], example=s["test"][0], workdir=work, threads=args.threads,
+                                   stages=harness.StageCache())
+        results, built = harness.build_rows(specs, ctx, log=lambda m: None)
+        harness.score_rows(results, built, s["score"], log=log)
+        row = {"seed": seed, "fp32": s["fp32_top1"], **{r.name: r.top1 for r in results}}
+        per_seed.append(row)
+        log(f"  top-1 seed {seed}: FP32 {100 * row['fp32']:.2f} %, " + ", ".join(
+            f"{name} {100 * row[name]:.2f} %" for name in TOP1_SEED_ROWS if row.get(name) is not None))
+        torch._dynamo.reset()
+    return {"seeds": per_seed, "test_images": cnn.TEST_SIZE}
+
+
+def render_top1_seeds(sweep: dict[str, Any], main_table: dict[str, Any]) -> list[str]:
+    """Per seed, each row's top-1 drop vs FP32 (points), with seed 0 (the main table) first, and the mean."""
+    if not sweep.get("seeds"):
+        return []
+    main = {r["name"]: r.get("top1") for r in main_table.get("rows", [])}
+    rows = [{"seed": 0, "fp32": main.get("FP32 torch eager"), **{n: main.get(n) for n in TOP1_SEED_ROWS}},
+            *sweep["seeds"]]
+    head = "| seed | FP32 top-1 % | " + " | ".join(f"{n} drop" for n in TOP1_SEED_ROWS) + " |"
+    out = ["", f"### Top-1 drop over {len(rows)} splits and training runs (points; {sweep['test_images']} test "
+           "images each, one image = 0.26)", "", head, "|---" * (len(TOP1_SEED_ROWS) + 2) + "|"]
+    drops: dict[str, list[float]] = {n: [] for n in TOP1_SEED_ROWS}
+    for r in rows:
+        cells = []
+        for n in TOP1_SEED_ROWS:
+            if r.get(n) is None or r.get("fp32") is None:
+                cells.append("-")
+                continue
+            drops[n].append(100 * (r["fp32"] - r[n]))
+            cells.append(f"{drops[n][-1]:.2f}")
+        out.append(f"| {r['seed']} | {100 * r['fp32']:.2f} | " + " | ".join(cells) + " |")
+    out.append("| mean | | " + " | ".join(f"{sum(v) / len(v):.2f}" if v else "-" for v in drops.values()) + " |")
+    return out
 
 
 def mobilenet_ratios(part: dict[str, Any]) -> list[str]:
@@ -288,7 +343,7 @@ def render_mobilenet(part: dict[str, Any]) -> list[str]:
             harness.markdown_table(d["rows"], quality="top1"),
             "", f"### Random weights, batch {' x '.join(map(str, b['batch']))}", "",
             "Cosine and SQNR of the logits vs FP32 eager.", "", harness.markdown_table(b["rows"], quality="cos"),
-            "", "### Ratios", "", *mobilenet_ratios(part),
+            "", "### Ratios", "", *mobilenet_ratios(part), *render_top1_seeds(part.get("top1_seeds", {}), d),
             "", "### Per-op profiles, 224x224 (the engines' own timers, ms per call)", "",
             op_profile.markdown(part.get("profiles", {})),
             "Settings (both tables):", "", harness.settings_list(b["rows"] or d["rows"])]
@@ -325,6 +380,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cal-batches", type=int, default=None, help="calibration batches (default 32; quick 4)")
     ap.add_argument("--eval-batches", type=int, default=None, help="MiniLM evaluation batches (default 8; quick 2)")
     ap.add_argument("--epochs", type=int, default=None, help="CNN training epochs (default 5; quick 1)")
+    ap.add_argument("--top1-seeds", type=int, default=None,
+                    help="MobileNet: top-1 of the int8 rows on this many more splits and training runs, no timing "
+                         "(default 4 with --only mobilenet, else 0)")
     ap.add_argument("--rows", default=None, help="only rows matching this regex (FP32 eager always runs)")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="directory for cpu.json and cpu.md")
     args = ap.parse_args(argv)
@@ -336,6 +394,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.cal_batches = args.cal_batches or (4 if q else 32)
     args.eval_batches = args.eval_batches or (2 if q else 8)
     args.epochs = args.epochs or (1 if q else None)
+    if args.top1_seeds is None:
+        args.top1_seeds = 4 if args.only == "mobilenet" and not q else 0
     if q:
         args.warmup = min(args.warmup, 1)
     return args

@@ -272,6 +272,16 @@ def test_mobilenet_section_profiles_ratios_and_markdown(tmp_path: Path) -> None:
     assert any(r.startswith("- top-1 drop of lowbit openvino-int8 vs FP32: 0.50 points") for r in ratios)
     text = "\n".join(cpu.render_mobilenet(part))
     assert "## MobileNet-style CNN" in text and "SQNR dB" in text and "| Conv |" in text and "3.00x" in text
+    assert "Top-1 drop over" not in text  # no seed sweep ran
+    # the seed sweep: seed 0 from the main table, each row's drop per seed, the mean over the seeds it has
+    part["top1_seeds"] = {"test_images": 384, "seeds": [
+        {"seed": 1, "fp32": 0.99, "OpenVINO + NNCF": 0.99, "lowbit openvino-int8": 0.98,
+         "lowbit onnxruntime-int8": 0.985, cpu.FLOAT_HARDSWISH: None}]}
+    lines = cpu.render_mobilenet(part)
+    assert "### Top-1 drop over 2 splits and training runs (points; 384 test images each, one image = 0.26)" in lines
+    assert "| 0 | 98.00 | - | 0.50 | - | - |" in lines
+    assert "| 1 | 99.00 | 0.00 | 1.00 | 0.50 | - |" in lines
+    assert "| mean | | 0.00 | 0.75 | 0.50 | - |" in lines
 
 
 def test_no_benchmark_or_example_module_shadows_a_library():
