@@ -33,7 +33,7 @@ from lowbit.compiler.graph import annotated_nodes, attr_tensor, constant_node, d
 from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
 from lowbit.config import QuantConfig
 from lowbit.passes.calibrate import _NamingInterpreter, stream_calibration
-from lowbit.runtime.qparams import dequantize_weight, quantize_weight, weight_codes
+from lowbit.runtime.qparams import dequantize_weight, quantize_weight
 
 aten = torch.ops.aten
 CONVS = (aten.conv1d.default, aten.conv2d.default)
@@ -80,14 +80,9 @@ class _InputMeans(_NamingInterpreter):
         return self.sums[n] / self.counts[n] if self.counts.get(n) else None
 
 
-def weight_error(w: torch.Tensor, spec: Any, key: str, ctx: PassContext) -> torch.Tensor:
-    """``W - DQ(Q(W))`` with the codes lower_qdq will give this weight (its own qparams, or GPTQ's/AWQ's)."""
-    chosen = ctx.notes.get("weight_qparams", {}).get(key)
-    if chosen is not None:
-        scale, zp = chosen
-        q = weight_codes(w, scale, zp, spec)
-    else:
-        q, scale, zp = quantize_weight(w, spec)
+def weight_error(w: torch.Tensor, spec: Any) -> torch.Tensor:
+    """``W - DQ(Q(W))`` with the codes lower_qdq gives a W8A8 weight (GPTQ and AWQ round weight-only layers only)."""
+    q, scale, zp = quantize_weight(w, spec)
     return w.double() - dequantize_weight(q, scale, zp, spec).double()
 
 
@@ -122,11 +117,10 @@ class BiasCorrection(Pass):
             for n in layers:
                 mean = interp.mean(n.args[0])
                 w = attr_tensor(gm, n.args[1])
-                name = n.meta[meta.LAYER]
                 if mean is None or w is None:
                     continue
                 groups = int(n.args[6]) if n.target in CONVS and len(n.args) > 6 else 1
-                error = weight_error(w.detach(), n.meta[meta.SPEC].weight, f"{name}.weight", ctx)
+                error = weight_error(w.detach(), n.meta[meta.SPEC].weight)
                 shifts[n] = output_shift(error, mean, groups).float()
         report: dict[str, dict[str, float]] = ctx.notes.setdefault("bias_correction", {})
         done = 0
