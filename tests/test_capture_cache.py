@@ -88,3 +88,33 @@ def test_a_dropped_model_leaves_the_cache():
     del model
     gc.collect()
     assert not any(key[0] == ident for key in cap._CACHE)
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_a_causal_lm_and_its_step_graph_are_captured_once(exports):
+    """A Hugging Face model: torch.export swaps some of its dicts for equal copies (by identity every capture
+    missed), and its KV-cache step graph is a wrapper module kept beside the model, so a second compile (here:
+    another target's reference) exports neither graph again and decodes the same tokens."""
+    model = _tiny_llama()
+    ids = torch.randint(0, 96, (2, 12))
+    before = set(cap._CACHE)
+    config = lowbit.QuantConfig(target_sqnr_db=None, target_ppl_increase=None, scheme="w8a16")
+    first = lowbit.compile(model, (ids,), calibration=[(ids,)], config=config, progress=False)
+    assert len(exports) == 2  # the whole-sequence graph and the step graph
+    again = lowbit.compile(model, (ids,), calibration=[(ids,)], config=config, progress=False)
+    assert len(exports) == 2
+    assert torch.equal(again.generate(ids, max_new_tokens=6, eos_token_id=[]),
+                       first.generate(ids, max_new_tokens=6, eos_token_id=[]))
+    kept = set(cap._CACHE) - before
+    assert len(kept) == 2
+    del model, first, again
+    gc.collect()
+    assert not kept & set(cap._CACHE)  # the step module does not keep its model alive, nor the cache either

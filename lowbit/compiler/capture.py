@@ -261,10 +261,18 @@ def _plain(value: Any) -> Any:
     (a hook dict by its hooks, an object with ``to_dict`` such as a Hugging Face config by its contents)."""
     if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
         return value
-    if isinstance(value, (tuple, list)) and len(value) <= 16:
+    if isinstance(value, (tuple, list)) and len(value) <= 64:
         return (type(value).__name__, tuple(_plain(v) for v in value))
+    if isinstance(value, (set, frozenset)) and len(value) <= 64 and all(isinstance(v, str) for v in value):
+        return ("set", tuple(sorted(value)))
     if isinstance(value, dict) and all(callable(v) for v in value.values()):  # hooks
         return ("hooks", tuple(id(v) for v in value.values()))
+    if isinstance(value, dict) and len(value) <= 64 and all(isinstance(k, (str, int)) for k in value):
+        # by contents: torch.export swaps some of a Hugging Face model's dicts (its tp/pp plans, tied-weight
+        # keys) for equal copies, which by identity would make every capture of such a model a miss
+        return ("dict", tuple((k, _plain(v)) for k, v in value.items()))
+    if isinstance(value, weakref.ref) and isinstance(value(), torch.nn.Module):  # a wrapper's model (decode)
+        return ("ref", _module_state(value()))
     to_dict = getattr(value, "to_dict", None)
     if callable(to_dict) and not isinstance(value, torch.nn.Module):
         try:
@@ -272,6 +280,13 @@ def _plain(value: Any) -> Any:
         except (TypeError, ValueError):
             pass
     return (type(value).__qualname__, id(value))
+
+
+def _module_state(m: torch.nn.Module) -> tuple[Any, ...]:
+    """A module's class, forward, mode and plain attributes (not its children, parameters or buffers)."""
+    return (type(m), id(type(m).forward), m.training,
+            tuple((k, _plain(v)) for k, v in vars(m).items()
+                  if k not in ("_parameters", "_buffers", "_modules", "training")))
 
 
 def _cache_key(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic_shapes: Any,
@@ -282,10 +297,7 @@ def _cache_key(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
         leaves, spec = pytree.tree_flatten((args, kwargs))
         inputs = tuple((tuple(t.shape), t.dtype, t.device.type) if isinstance(t, torch.Tensor) else ("value", repr(t))
                        for t in leaves)
-        modules = tuple((name, type(m), id(type(m).forward), m.training,
-                         tuple((k, _plain(v)) for k, v in vars(m).items()
-                               if k not in ("_parameters", "_buffers", "_modules", "training")))
-                        for name, m in model.named_modules())
+        modules = tuple((name, *_module_state(m)) for name, m in model.named_modules())
         tensors = tuple((name, id(t), t._version, tuple(t.shape), t.dtype)
                         for name, t in (*model.named_parameters(), *model.named_buffers()))
         return (id(model), torch.get_default_dtype(), str(spec), inputs, repr(dynamic_shapes), repr(dim_bounds),

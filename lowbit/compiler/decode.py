@@ -27,6 +27,7 @@ so layer names, and so plans and qparams, are the same in both.
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,11 +107,20 @@ class _Step(torch.nn.Module):
 
     def __init__(self, lm: torch.nn.Module, layers: int) -> None:
         super().__init__()
-        self.__dict__["_lm"] = lm  # not a child: its children are registered here directly
+        # not a child (its children are registered here directly), and held weakly: the step module is kept
+        # beside its model (``_STEPS``) and must not keep it alive
+        self.__dict__["_lm_ref"] = weakref.ref(lm)
         for name, child in lm.named_children():
             self.add_module(name, child)
         self._layers = layers
         self._cache_kwarg = _cache_kwarg(lm)
+
+    @property
+    def _lm(self) -> torch.nn.Module:
+        lm = self.__dict__["_lm_ref"]()
+        if lm is None:
+            raise CaptureError("the model of this step graph was deleted")
+        return lm
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_mask: torch.Tensor,
                 logits_index: torch.Tensor, **past: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -129,18 +139,29 @@ class _Step(torch.nn.Module):
         return (out.logits, *presents)
 
 
+#: model -> (its cache layout, its step module): the same step module for every compile of one model, so the
+#: capture cache (lowbit.compiler.capture) finds its program again (~15 s of torch.export for SmolLM2-135M)
+_STEPS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[CacheLayout, torch.nn.Module]] = weakref.WeakKeyDictionary()
+
+
 def step_module(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, dict[int, str]],
                                                  dict[str, tuple[int, int | None]], CacheLayout]:
     """(step module, example inputs by name, dynamic_shapes, dim bounds, cache layout) of a causal LM."""
     model = model.eval()
     layout = cache_layout(model)
     names = cache_names(layout.layers)
-    cls = type(f"{type(model).__name__}Step", (_Step,), {})
-    kinds = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    params = [inspect.Parameter(n, kinds) for n in ("self", *STEP_INPUTS, *names)]
-    # a subclass per model: the signature with this model's cache names lives on it, not on _Step
-    cls.forward = _with_signature(_Step.forward, inspect.Signature(params))
-    module = cls(model, layout.layers)
+    kept = _STEPS.get(model)
+    if kept is not None and kept[0] == layout and set(dict(kept[1].named_children()).items()) == set(
+            dict(model.named_children()).items()):
+        module = kept[1]
+    else:
+        cls = type(f"{type(model).__name__}Step", (_Step,), {})
+        kinds = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        params = [inspect.Parameter(n, kinds) for n in ("self", *STEP_INPUTS, *names)]
+        # a subclass per model: the signature with this model's cache names lives on it, not on _Step
+        cls.forward = _with_signature(_Step.forward, inspect.Signature(params))
+        module = cls(model, layout.layers)
+        _STEPS[model] = (layout, module)
     b, s, p, k = 2, 5, 3, 2  # all >= 2 (torch.export specialises sizes 0 and 1) and all different
     dtype = getattr(torch, layout.dtype)
     example: dict[str, torch.Tensor] = {
