@@ -346,3 +346,54 @@ def test_openvino_strided_pointwise_conv_gets_its_padding_as_a_pad_of_the_quanti
     with pytest.raises(lowbit.EngineError, match=r"output 0: the engine returned shape \(3, 16, 10, 12\) where the "
                                                  r"float model gives \(3, 16, 9, 11\)"):
         lowbit.compile(m, (x,), target="openvino-int8", calibration=cal, progress=False)
+
+
+class _MaskedHead(nn.Module):
+    """What a decoder's step graph holds that the exporter would re-trace for: ``a & b`` and ``Tensor.to``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        keep = (mask > 0) & (x.sum(-1) > -100.0)
+        y = self.fc(x).to(torch.float32) * keep.unsqueeze(-1).to(x.dtype)
+        return y + x.to(torch.float64).sum(-1, keepdim=True).to(torch.float32) + mask.to(x.dtype).unsqueeze(-1)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime is not installed")
+@pytest.mark.parametrize("model", ["masked", "cnn"])
+def test_the_exporter_retraces_only_a_program_that_needs_decomposing(model, cnn, monkeypatch):
+    """export.py writes `a & b` and `Tensor.to` as the ops the exporter's decomposition makes of them and skips
+    its re-trace when every op has an ONNX function (the masked model); the CNN's adaptive_avg_pool2d still gets
+    decomposed. Either way the engine's outputs equal, bit for bit, those of the exporter's own path."""
+    from contextlib import nullcontext
+
+    from lowbit.backends.onnx import export as ex
+
+    torch.manual_seed(0)
+    if model == "cnn":
+        net, example, cal, dyn = cnn, cnn_cal(1)[0], cnn_cal(), None
+    else:
+        net = _MaskedHead().eval()
+        x, mask = torch.randn(3, 5, 16), (torch.arange(15).reshape(3, 5) % 4 > 0).long()
+        net, example, cal, dyn = net, (x, mask), [(torch.randn(3, 5, 16), mask)], {"x": {1: "seq"}, "mask": {1: "seq"}}
+    decompositions = []
+    real = torch.export.ExportedProgram.run_decompositions
+
+    def counting(self, *a, **k):
+        decompositions.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions", counting)
+    compile_ = lambda: lowbit.compile(net, example, target="onnxruntime-int8", calibration=cal,  # noqa: E731
+                                      dynamic_shapes=dyn, progress=False)
+    fast = compile_()
+    assert len(decompositions) == (1 if model == "cnn" else 0)
+    monkeypatch.setattr(ex, "_decompose_only_when_needed", nullcontext)
+    monkeypatch.setattr(ex, "_exact_aliases", lambda gm: None)
+    plain = compile_()
+    assert len(decompositions) == (2 if model == "cnn" else 1)
+    inputs = example if isinstance(example, tuple) else (example,)
+    for a, b in zip(fast(*inputs), plain(*inputs), strict=True):
+        assert torch.equal(a, b)

@@ -69,8 +69,9 @@ def export_onnx(gm: fx.GraphModule, signature: Signature, weight_layers: dict[st
     from lowbit.backends.onnx.weight_only import TRANSLATIONS
 
     custom_translations = {**TRANSLATIONS, **(custom_translations or {})}
+    _exact_aliases(gm)
     try:
-        with warnings.catch_warnings(), _quiet(), _torchlib_registry_built_once():
+        with warnings.catch_warnings(), _quiet(), _torchlib_registry_built_once(), _decompose_only_when_needed():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 gm, _example(signature), dynamo=True, opset_version=opset, input_names=names,
@@ -150,6 +151,91 @@ def _torchlib_registry_built_once() -> Iterator[None]:
             yield
         finally:
             cls.from_torchlib = saved
+
+
+# ops the exporter would decompose (re-tracing the whole program for them) that are one ATen op under another name
+_ALIASES = {
+    torch.ops.aten.__and__.Tensor: torch.ops.aten.bitwise_and.Tensor,  # an attention mask's `a & b`
+    torch.ops.aten.__or__.Tensor: torch.ops.aten.bitwise_or.Tensor,
+    torch.ops.aten.__xor__.Tensor: torch.ops.aten.bitwise_xor.Tensor,
+}
+
+
+_TO = {torch.ops.aten.to.dtype: ("dtype",), torch.ops.aten.to.device: ("device", "dtype"),
+       torch.ops.aten.to.dtype_layout: ()}
+
+
+def _exact_aliases(gm: fx.GraphModule) -> None:
+    """Rename the ops of ``_ALIASES`` in place, and write ``Tensor.to`` as the ``_to_copy`` the exporter's
+    decomposition makes of it (the same function in a graph without mutation, so the same numbers on every
+    backend)."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in _ALIASES:
+            node.target = _ALIASES[node.target]
+            changed = True
+        elif node.target in _TO:
+            given = dict(zip(_TO[node.target], node.args[1:], strict=False)) | dict(node.kwargs)
+            kwargs = {k: given[k] for k in ("dtype", "device") if given.get(k) is not None}
+            value = node.args[0].meta.get("val")
+            if (isinstance(value, torch.Tensor) and kwargs.get("dtype", value.dtype) == value.dtype
+                    and kwargs.get("device", value.device) == value.device):
+                node.replace_all_uses_with(node.args[0])  # a no-op ``to``: what functionalization makes of it
+                gm.graph.erase_node(node)
+            else:
+                node.target, node.args, node.kwargs = torch.ops.aten._to_copy.default, (node.args[0],), kwargs
+            changed = True
+    if changed:
+        gm.recompile()
+
+
+_DECOMPOSE_LOCK = threading.Lock()
+_ASSERTIONS = frozenset({  # what the exporter removes after decomposing (torch's remove_assertion_nodes)
+    torch.ops.aten.sym_constrain_range_for_size.default, torch.ops.aten._assert_async.default,
+    torch.ops.aten._assert_async.msg, torch.ops.aten._assert_scalar.default,
+    torch.ops.aten._assert_tensor_metadata.default,
+})
+
+
+@contextlib.contextmanager
+def _decompose_only_when_needed() -> Iterator[None]:
+    """The exporter re-traces the program it exported (``run_decompositions``) to decompose the ops ONNX has no
+    function for: half of the export of a decoder's step graph (4 of 8 s for a 2-layer Llama, ~20 s for
+    SmolLM2-135M), where, after ``_exact_aliases``, every op already has an ONNX function. Within this block the
+    re-trace runs only when the program holds an op without one (or one the exporter would decompose), a mutating
+    op or a higher-order op; otherwise the program goes on as exported (tests/test_backend_onnx.py: the same
+    outputs bit for bit either way). Where torch's private modules are not found, the exporter runs as it is."""
+    try:
+        from torch.onnx._internal.exporter import _decomp, _fx_passes
+
+        decompose = _fx_passes.decompose_with_registry
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def only_when_needed(exported_program: Any, registry: Any) -> Any:
+        implemented = set(_decomp.get_onnx_implemented_overloads(registry))
+        table = _decomp.create_onnx_friendly_decomposition_table(implemented)
+        bad = []  # the ops that make the re-trace necessary
+        for node in exported_program.graph.nodes:
+            if node.op != "call_function" or node.target in _ASSERTIONS:
+                continue
+            target = node.target
+            schema = getattr(target, "_schema", None)
+            if isinstance(target, torch._ops.HigherOrderOperator) or target in table or (
+                    schema is not None and schema.is_mutable) or (
+                    isinstance(target, torch._ops.OpOverload) and target not in implemented):
+                bad.append(target)
+        return decompose(exported_program, registry) if bad else exported_program
+
+    with _DECOMPOSE_LOCK:
+        _fx_passes.decompose_with_registry = only_when_needed
+        try:
+            yield
+        finally:
+            _fx_passes.decompose_with_registry = decompose
 
 
 def name_layer_nodes(model: onnx.ModelProto, weight_layers: dict[str, str]) -> dict[str, str]:
