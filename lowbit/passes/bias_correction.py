@@ -32,7 +32,7 @@ from lowbit.compiler import meta
 from lowbit.compiler.graph import annotated_nodes, attr_tensor, constant_node, delete_unused_attrs
 from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
 from lowbit.config import QuantConfig
-from lowbit.passes.calibrate import _NamingInterpreter, stream_calibration
+from lowbit.passes.calibrate import NodeStatistics
 from lowbit.runtime.qparams import dequantize_weight, quantize_weight
 
 aten = torch.ops.aten
@@ -56,28 +56,25 @@ def corrected_layers(gm: fx.GraphModule, config: QuantConfig) -> list[fx.Node]:
     return out
 
 
-class _InputMeans(_NamingInterpreter):
-    """Runs the graph and accumulates the per-channel sums of the layers' inputs (channel dim 1 for a conv,
-    the last dim for a linear)."""
+class _InputMeans(NodeStatistics):
+    """The per-channel means of the layers' inputs (channel dim 1 for a conv, the last dim for a linear)."""
 
-    def __init__(self, gm: fx.GraphModule, inputs: dict[fx.Node, int]) -> None:
-        super().__init__(gm)
-        self.inputs = inputs  # input node -> its channel dim
-        self.sums: dict[fx.Node, torch.Tensor] = {}
-        self.counts: dict[fx.Node, int] = {}
+    def __init__(self, gm: fx.GraphModule, inputs: dict[str, int]) -> None:
+        super().__init__(gm, inputs)
+        self.inputs = inputs  # input node name -> its channel dim
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
 
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        dim = self.inputs.get(n)
-        if dim is not None and isinstance(out, torch.Tensor) and out.is_floating_point():
-            x = out.detach().double().movedim(dim, -1)
-            x = x.reshape(-1, x.shape[-1])
-            self.sums[n] = self.sums.get(n, 0) + x.sum(0)
-            self.counts[n] = self.counts.get(n, 0) + x.shape[0]
-        return out
+    def record(self, name: str, value: torch.Tensor) -> None:
+        if not value.is_floating_point():
+            return
+        x = value.double().movedim(self.inputs[name], -1)
+        x = x.reshape(-1, x.shape[-1])
+        self.sums[name] = self.sums.get(name, 0) + x.sum(0)
+        self.counts[name] = self.counts.get(name, 0) + x.shape[0]
 
-    def mean(self, n: fx.Node) -> torch.Tensor | None:
-        return self.sums[n] / self.counts[n] if self.counts.get(n) else None
+    def mean(self, name: str) -> torch.Tensor | None:
+        return self.sums[name] / self.counts[name] if self.counts.get(name) else None
 
 
 def weight_error(w: torch.Tensor, spec: Any) -> torch.Tensor:
@@ -111,11 +108,11 @@ class BiasCorrection(Pass):
         else:
             if ctx.calibration is None:
                 return PassResult(gm, {})
-            interp = _InputMeans(gm, {n.args[0]: (1 if n.target in CONVS else -1) for n in layers})
-            stream_calibration(interp, ctx, "lowbit bias correction statistics")
+            interp = _InputMeans(gm, {n.args[0].name: (1 if n.target in CONVS else -1) for n in layers})
+            interp.collect(ctx, "lowbit bias correction statistics")
             shifts = {}
             for n in layers:
-                mean = interp.mean(n.args[0])
+                mean = interp.mean(n.args[0].name)
                 w = attr_tensor(gm, n.args[1])
                 if mean is None or w is None:
                     continue

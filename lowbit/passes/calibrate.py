@@ -39,6 +39,31 @@ class _NamingInterpreter(fx.Interpreter):
     where = ""
 
 
+class NodeStatistics(_NamingInterpreter):
+    """The one way a pass collects a statistic of the calibration data: run the graph over the calibration
+    stream (``collect``) and hand each watched node's tensor output, batch by batch, to ``record``.
+    SmoothQuant's channel ranges, AWQ's mean |x| and bias correction's channel means are subclasses; the
+    observers' ranges are the same stream (``Calibrate``), GPTQ's Hessians the layer-wise one."""
+
+    def __init__(self, gm: fx.GraphModule, watched: Iterable[str]) -> None:
+        super().__init__(gm)
+        self.watched = set(watched)
+        self.batch = 0
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.watched and isinstance(out, torch.Tensor) and out.numel():
+            self.record(n.name, out.detach())
+        return out
+
+    def record(self, name: str, value: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def collect(self, ctx: PassContext, desc: str) -> int:
+        """Stream the calibration batches (checked, named in errors); returns how many ran."""
+        return stream_calibration(self, ctx, desc)
+
+
 def calibration_batches(calibration: Iterable[Any]) -> Iterator[Any]:
     """The batches of a calibration iterable; an iterable that raises while producing batch i (a reader
     failing midway) becomes a CalibrationError naming batch i, as does something that is not iterable."""

@@ -67,8 +67,7 @@ from lowbit.compiler.graph import (
 from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
 from lowbit.compiler.patterns import attention_value_source
 from lowbit.config import QuantConfig
-from lowbit.errors import CalibrationError
-from lowbit.passes.calibrate import calibration_batches, stream_calibration
+from lowbit.passes.calibrate import NodeStatistics, calibration_batches
 from lowbit.runtime.qparams import (
     choose_qparams,
     dequantize_weight,
@@ -196,31 +195,23 @@ def _fold_target(gm: fx.GraphModule, group: Group) -> tuple[str, fx.Node | None,
     return "explicit rescale", None, f"{x.name} ({getattr(x.target, '__name__', x.target)}) cannot absorb a scale"
 
 
-class _StatsInterpreter(fx.Interpreter):
-    """Runs the graph and records per-channel min/max (and a few rows) of the groups' inputs."""
+class _ChannelRanges(NodeStatistics):
+    """Per-channel min/max (and a few rows, for alpha="auto") of the groups' inputs."""
 
     def __init__(self, gm: fx.GraphModule, groups: dict[str, Group], sample: set[str]) -> None:
-        super().__init__(gm)
+        super().__init__(gm, groups)
         self.groups = groups
         self.sample = sample
-        self.batch = 0
-        self.where = ""
 
-    def run_node(self, n: fx.Node) -> Any:
-        try:
-            out = super().run_node(n)
-        except Exception as e:
-            raise CalibrationError(f"{self.where}: node {n.name} ({n.target}) failed: {type(e).__name__}: {e}") from e
-        g = self.groups.get(n.name)
-        if g is not None and isinstance(out, torch.Tensor) and out.numel():
-            rows = out.detach().float().reshape(-1, out.shape[-1])
-            lo, hi = rows.amin(0), rows.amax(0)
-            g.lo = lo if g.lo is None else torch.minimum(g.lo, lo)
-            g.hi = hi if g.hi is None else torch.maximum(g.hi, hi)
-            if n.name in self.sample and self.batch < AUTO_SAMPLE_BATCHES:
-                stride = max(1, rows.shape[0] // AUTO_SAMPLE_ROWS)
-                g.sample.append(rows[::stride][:AUTO_SAMPLE_ROWS].clone())
-        return out
+    def record(self, name: str, value: torch.Tensor) -> None:
+        g = self.groups[name]
+        rows = value.float().reshape(-1, value.shape[-1])
+        lo, hi = rows.amin(0), rows.amax(0)
+        g.lo = lo if g.lo is None else torch.minimum(g.lo, lo)
+        g.hi = hi if g.hi is None else torch.maximum(g.hi, hi)
+        if name in self.sample and self.batch < AUTO_SAMPLE_BATCHES:
+            stride = max(1, rows.shape[0] // AUTO_SAMPLE_ROWS)
+            g.sample.append(rows[::stride][:AUTO_SAMPLE_ROWS].clone())
 
 
 def reiterable(calibration: Iterable[Any]) -> Iterable[Any]:
@@ -321,7 +312,7 @@ class SmoothQuant(Pass):
         by_name = {g.x.name: g for g in groups}
         sample = {g.x.name for g in groups if g.alpha == "auto"}
         assert ctx.calibration is not None
-        stream_calibration(_StatsInterpreter(gm, by_name, sample), ctx, "lowbit smooth_quant statistics")
+        _ChannelRanges(gm, by_name, sample).collect(ctx, "lowbit smooth_quant statistics")
 
     # -- factors ------------------------------------------------------------------------------------
     @staticmethod
