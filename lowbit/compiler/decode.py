@@ -151,8 +151,7 @@ def step_module(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, torc
     layout = cache_layout(model)
     names = cache_names(layout.layers)
     kept = _STEPS.get(model)
-    if kept is not None and kept[0] == layout and set(dict(kept[1].named_children()).items()) == set(
-            dict(model.named_children()).items()):
+    if kept is not None and kept[0] == layout and dict(kept[1].named_children()) == dict(model.named_children()):
         module = kept[1]
     else:
         cls = type(f"{type(model).__name__}Step", (_Step,), {})

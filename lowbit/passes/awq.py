@@ -46,7 +46,7 @@ from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
 from lowbit.compiler.patterns import feeds_attention_scores
 from lowbit.config import QuantConfig
 from lowbit.passes.annotate import config_spec
-from lowbit.passes.calibrate import NodeStatistics
+from lowbit.passes.calibrate import collect_node_statistics
 from lowbit.passes.smooth_quant import Group, SmoothQuant, _fold_target, fake_quantize_weight
 from lowbit.runtime.progress import bar_disabled
 from lowbit.runtime.qparams import dequantize_weight, quantize_weight, sqnr
@@ -58,16 +58,15 @@ CLIP_ROWS = 256  # of those, the rows the clipping search evaluates on (it runs 
 CLIP_ROW_CHUNK = 128  # output channels per step of the clipping search (bounds its memory)
 
 
-class _AbsMean(NodeStatistics):
+class _AbsMean:
     """Per group input: the mean |x| per channel and a few rows of every batch for the scale search."""
 
-    def __init__(self, gm: fx.GraphModule, groups: dict[str, Group]) -> None:
-        super().__init__(gm, groups)
+    def __init__(self, groups: dict[str, Group]) -> None:
         self.abs_sum: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
         self.samples: dict[str, list[torch.Tensor]] = {k: [] for k in groups}
 
-    def record(self, name: str, value: torch.Tensor) -> None:
+    def record(self, name: str, value: torch.Tensor, batch: int) -> None:
         rows = value.float().reshape(-1, value.shape[-1])
         self.abs_sum[name] = self.abs_sum.get(name, 0) + rows.abs().sum(0)
         self.rows[name] = self.rows.get(name, 0) + rows.shape[0]
@@ -188,8 +187,9 @@ class AWQ(Pass):
         if ctx.calibration is None:
             ctx.notes.setdefault("warnings", []).append("awq: no calibration data: weights rounded to nearest")
             return PassResult(gm, {})
-        interp = _AbsMean(gm, {g.x.name: g for g in groups})
-        interp.collect(ctx, "lowbit awq statistics")
+        by_name = {g.x.name: g for g in groups}
+        interp = _AbsMean(by_name)
+        collect_node_statistics(gm, ctx, by_name, interp.record, "lowbit awq statistics")
         no_clip = {n for n, node in layers.items() if feeds_attention_scores(node)}
         for g in tqdm(groups, desc="lowbit awq scales and clipping", unit="group", leave=False,
                       disable=bar_disabled(ctx.progress)):

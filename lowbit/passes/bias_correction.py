@@ -32,7 +32,7 @@ from lowbit.compiler import meta
 from lowbit.compiler.graph import annotated_nodes, attr_tensor, constant_node, delete_unused_attrs
 from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
 from lowbit.config import QuantConfig
-from lowbit.passes.calibrate import NodeStatistics
+from lowbit.passes.calibrate import collect_node_statistics
 from lowbit.runtime.qparams import dequantize_weight, quantize_weight
 
 aten = torch.ops.aten
@@ -56,16 +56,15 @@ def corrected_layers(gm: fx.GraphModule, config: QuantConfig) -> list[fx.Node]:
     return out
 
 
-class _InputMeans(NodeStatistics):
+class _InputMeans:
     """The per-channel means of the layers' inputs (channel dim 1 for a conv, the last dim for a linear)."""
 
-    def __init__(self, gm: fx.GraphModule, inputs: dict[str, int]) -> None:
-        super().__init__(gm, inputs)
+    def __init__(self, inputs: dict[str, int]) -> None:
         self.inputs = inputs  # input node name -> its channel dim
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
 
-    def record(self, name: str, value: torch.Tensor) -> None:
+    def record(self, name: str, value: torch.Tensor, batch: int) -> None:
         if not value.is_floating_point():
             return
         x = value.double().movedim(self.inputs[name], -1)
@@ -108,8 +107,9 @@ class BiasCorrection(Pass):
         else:
             if ctx.calibration is None:
                 return PassResult(gm, {})
-            interp = _InputMeans(gm, {n.args[0].name: (1 if n.target in CONVS else -1) for n in layers})
-            interp.collect(ctx, "lowbit bias correction statistics")
+            inputs = {n.args[0].name: (1 if n.target in CONVS else -1) for n in layers}
+            interp = _InputMeans(inputs)
+            collect_node_statistics(gm, ctx, inputs, interp.record, "lowbit bias correction statistics")
             shifts = {}
             for n in layers:
                 mean = interp.mean(n.args[0].name)

@@ -39,29 +39,31 @@ class _NamingInterpreter(fx.Interpreter):
     where = ""
 
 
-class NodeStatistics(_NamingInterpreter):
-    """The one way a pass collects a statistic of the calibration data: run the graph over the calibration
-    stream (``collect``) and hand each watched node's tensor output, batch by batch, to ``record``.
-    SmoothQuant's channel ranges, AWQ's mean |x| and bias correction's channel means are subclasses; the
-    observers' ranges are the same stream (``Calibrate``), GPTQ's Hessians the layer-wise one."""
+class _Watching(_NamingInterpreter):
+    """Hands each watched node's tensor output to ``record(name, value, batch)`` as the graph runs."""
 
-    def __init__(self, gm: fx.GraphModule, watched: Iterable[str]) -> None:
+    def __init__(self, gm: fx.GraphModule, watched: Iterable[str],
+                 record: Callable[[str, torch.Tensor, int], None]) -> None:
         super().__init__(gm)
         self.watched = set(watched)
+        self.record = record
         self.batch = 0
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         if n.name in self.watched and isinstance(out, torch.Tensor) and out.numel():
-            self.record(n.name, out.detach())
+            self.record(n.name, out.detach(), self.batch)
         return out
 
-    def record(self, name: str, value: torch.Tensor) -> None:
-        raise NotImplementedError
 
-    def collect(self, ctx: PassContext, desc: str) -> int:
-        """Stream the calibration batches (checked, named in errors); returns how many ran."""
-        return stream_calibration(self, ctx, desc)
+def collect_node_statistics(gm: fx.GraphModule, ctx: PassContext, watched: Iterable[str],
+                            record: Callable[[str, torch.Tensor, int], None], desc: str) -> int:
+    """The one way a pass collects a statistic of the calibration data: stream the calibration batches (checked,
+    named in errors) through the graph and hand each watched node's tensor output to ``record(name, value,
+    batch)``; returns how many batches ran. SmoothQuant's channel ranges, AWQ's mean |x| and bias correction's
+    channel means use it; the observers' ranges are the same stream (``Calibrate``), GPTQ's Hessians the
+    layer-wise one (``stream_layerwise``)."""
+    return stream_calibration(_Watching(gm, watched, record), ctx, desc)
 
 
 def calibration_batches(calibration: Iterable[Any]) -> Iterator[Any]:

@@ -67,7 +67,7 @@ from lowbit.compiler.graph import (
 from lowbit.compiler.pass_manager import Pass, PassContext, PassResult
 from lowbit.compiler.patterns import attention_value_source
 from lowbit.config import QuantConfig
-from lowbit.passes.calibrate import NodeStatistics, calibration_batches
+from lowbit.passes.calibrate import calibration_batches, collect_node_statistics
 from lowbit.runtime.qparams import (
     choose_qparams,
     dequantize_weight,
@@ -195,21 +195,20 @@ def _fold_target(gm: fx.GraphModule, group: Group) -> tuple[str, fx.Node | None,
     return "explicit rescale", None, f"{x.name} ({getattr(x.target, '__name__', x.target)}) cannot absorb a scale"
 
 
-class _ChannelRanges(NodeStatistics):
+class _ChannelRanges:
     """Per-channel min/max (and a few rows, for alpha="auto") of the groups' inputs."""
 
-    def __init__(self, gm: fx.GraphModule, groups: dict[str, Group], sample: set[str]) -> None:
-        super().__init__(gm, groups)
+    def __init__(self, groups: dict[str, Group], sample: set[str]) -> None:
         self.groups = groups
         self.sample = sample
 
-    def record(self, name: str, value: torch.Tensor) -> None:
+    def record(self, name: str, value: torch.Tensor, batch: int) -> None:
         g = self.groups[name]
         rows = value.float().reshape(-1, value.shape[-1])
         lo, hi = rows.amin(0), rows.amax(0)
         g.lo = lo if g.lo is None else torch.minimum(g.lo, lo)
         g.hi = hi if g.hi is None else torch.maximum(g.hi, hi)
-        if name in self.sample and self.batch < AUTO_SAMPLE_BATCHES:
+        if name in self.sample and batch < AUTO_SAMPLE_BATCHES:
             stride = max(1, rows.shape[0] // AUTO_SAMPLE_ROWS)
             g.sample.append(rows[::stride][:AUTO_SAMPLE_ROWS].clone())
 
@@ -312,7 +311,8 @@ class SmoothQuant(Pass):
         by_name = {g.x.name: g for g in groups}
         sample = {g.x.name for g in groups if g.alpha == "auto"}
         assert ctx.calibration is not None
-        _ChannelRanges(gm, by_name, sample).collect(ctx, "lowbit smooth_quant statistics")
+        ranges = _ChannelRanges(by_name, sample)
+        collect_node_statistics(gm, ctx, by_name, ranges.record, "lowbit smooth_quant statistics")
 
     # -- factors ------------------------------------------------------------------------------------
     @staticmethod

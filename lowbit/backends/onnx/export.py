@@ -204,8 +204,7 @@ def _decompose_only_when_needed() -> Iterator[None]:
     """The exporter re-traces the program it exported (``run_decompositions``) to decompose the ops ONNX has no
     function for: half of the export of a decoder's step graph (4 of 8 s for a 2-layer Llama, ~20 s for
     SmolLM2-135M), where, after ``_exact_aliases``, every op already has an ONNX function. Within this block the
-    re-trace runs only when the program holds an op without one (or one the exporter would decompose), a mutating
-    op or a higher-order op; otherwise the program goes on as exported (tests/test_backend_onnx.py: the same
+    re-trace runs only when the program holds an op without one, a mutating op or a higher-order op; otherwise the program goes on as exported (tests/test_backend_onnx.py: the same
     outputs bit for bit either way). Where torch's private modules are not found, the exporter runs as it is."""
     try:
         from torch.onnx._internal.exporter import _decomp, _fx_passes
@@ -216,19 +215,20 @@ def _decompose_only_when_needed() -> Iterator[None]:
         return
 
     def only_when_needed(exported_program: Any, registry: Any) -> Any:
+        # every op the exporter would decompose is one without an ONNX function (its table leaves those out)
         implemented = set(_decomp.get_onnx_implemented_overloads(registry))
-        table = _decomp.create_onnx_friendly_decomposition_table(implemented)
-        bad = []  # the ops that make the re-trace necessary
-        for node in exported_program.graph.nodes:
-            if node.op != "call_function" or node.target in _ASSERTIONS:
-                continue
-            target = node.target
-            schema = getattr(target, "_schema", None)
-            if isinstance(target, torch._ops.HigherOrderOperator) or target in table or (
-                    schema is not None and schema.is_mutable) or (
-                    isinstance(target, torch._ops.OpOverload) and target not in implemented):
-                bad.append(target)
-        return decompose(exported_program, registry) if bad else exported_program
+
+        def needs(target: Any) -> bool:
+            if target in _ASSERTIONS:
+                return False
+            if isinstance(target, torch._ops.HigherOrderOperator):
+                return True
+            return isinstance(target, torch._ops.OpOverload) and (target not in implemented
+                                                                  or target._schema.is_mutable)
+
+        if any(needs(n.target) for n in exported_program.graph.nodes if n.op == "call_function"):
+            return decompose(exported_program, registry)
+        return exported_program
 
     with _DECOMPOSE_LOCK:
         _fx_passes.decompose_with_registry = only_when_needed
